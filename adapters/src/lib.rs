@@ -1,0 +1,36 @@
+//! Channel adapters. Each module turns one platform's traffic into [`EventData`] handed to an
+//! [`EventSink`], and performs the agent's sends on that platform. Adapters know nothing of
+//! the proxy: the sink is the only way in, and it answers only after the event is durable.
+
+use async_trait::async_trait;
+use concierge_protocol::EventData;
+
+pub mod signature;
+pub mod webhook;
+
+/// What the sink did with an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ingested {
+    /// The event's offset in its agent's log.
+    pub offset: u64,
+    /// True when this was a redelivery of an already stored event.
+    pub duplicate: bool,
+}
+
+/// Why the sink did not take an event; the adapter must not acknowledge it to the platform.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// The store could not make it durable; the platform should redeliver later.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The proxy refuses it (unknown agent, buffer full); redelivery may or may not help.
+    #[error("rejected: {0}")]
+    Rejected(String),
+}
+
+/// The proxy's door for inbound events: `Ok` means durably stored (promise 1).
+#[async_trait]
+pub trait EventSink: Send + Sync + 'static {
+    /// Stores one event durably (deduplicated by its dedupe key) and wakes its agent as needed.
+    async fn ingest(&self, event: EventData) -> Result<Ingested, SinkError>;
+}

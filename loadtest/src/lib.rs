@@ -1,0 +1,1 @@
+//! Platform fakes and load scenarios.

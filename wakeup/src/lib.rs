@@ -1,0 +1,1 @@
+//! Wake drivers (being written).
