@@ -81,7 +81,8 @@ pub fn standard_verify(
     let signature = signature.ok_or(SignatureError::MissingHeader("webhook-signature"))?;
     let ts: i64 = ts_text.trim().parse().map_err(|_| SignatureError::BadTimestamp)?;
     let skew = ts.saturating_sub(now_secs);
-    if skew.abs() > TIMESTAMP_TOLERANCE_SECS {
+    // `unsigned_abs`: `abs` overflows (panics in debug) for a timestamp of i64::MIN.
+    if skew.unsigned_abs() > TIMESTAMP_TOLERANCE_SECS.unsigned_abs() {
         return Err(SignatureError::Stale(skew));
     }
     let mut matched = false;
@@ -103,7 +104,12 @@ pub fn body_sign_hex(secret: &[u8], body: &[u8]) -> String {
 }
 
 /// Verifies a single-header hex HMAC-SHA256 of the body, with or without a `sha256=` prefix.
-pub fn body_verify_hex(secret: &[u8], header: Option<&str>, header_name: &'static str, body: &[u8]) -> Result<(), SignatureError> {
+pub fn body_verify_hex(
+    secret: &[u8],
+    header: Option<&str>,
+    header_name: &'static str,
+    body: &[u8],
+) -> Result<(), SignatureError> {
     let value = header.ok_or(SignatureError::MissingHeader(header_name))?.trim();
     let value = value.strip_prefix("sha256=").unwrap_or(value);
     let given = hex::decode(value).map_err(|_| SignatureError::Mismatch)?;
@@ -131,10 +137,22 @@ mod tests {
     fn standard_rejects_tampering_staleness_and_missing_headers() {
         let k = vec![b"k".to_vec()];
         let sig = standard_sign(&k[0], "id", 1000, b"body");
-        assert_eq!(standard_verify(&k, Some("id"), Some("1000"), Some(&sig), b"bodY", 1000), Err(SignatureError::Mismatch));
-        assert_eq!(standard_verify(&k, Some("id2"), Some("1000"), Some(&sig), b"body", 1000), Err(SignatureError::Mismatch));
-        assert_eq!(standard_verify(&k, Some("id"), Some("1000"), Some(&sig), b"body", 1000 + 301), Err(SignatureError::Stale(-301)));
-        assert_eq!(standard_verify(&k, Some("id"), Some("x"), Some(&sig), b"body", 1000), Err(SignatureError::BadTimestamp));
+        assert_eq!(
+            standard_verify(&k, Some("id"), Some("1000"), Some(&sig), b"bodY", 1000),
+            Err(SignatureError::Mismatch)
+        );
+        assert_eq!(
+            standard_verify(&k, Some("id2"), Some("1000"), Some(&sig), b"body", 1000),
+            Err(SignatureError::Mismatch)
+        );
+        assert_eq!(
+            standard_verify(&k, Some("id"), Some("1000"), Some(&sig), b"body", 1000 + 301),
+            Err(SignatureError::Stale(-301))
+        );
+        assert_eq!(
+            standard_verify(&k, Some("id"), Some("x"), Some(&sig), b"body", 1000),
+            Err(SignatureError::BadTimestamp)
+        );
         assert_eq!(
             standard_verify(&k, None, Some("1000"), Some(&sig), b"body", 1000),
             Err(SignatureError::MissingHeader("webhook-id"))

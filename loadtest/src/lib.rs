@@ -1,1 +1,3 @@
 //! Platform fakes and load scenarios.
+
+pub mod fly;

@@ -13,6 +13,9 @@ use concierge_protocol::{Event, EventData, SendResult};
 pub mod redis;
 pub mod sqlite;
 
+pub use self::redis::RedisStore;
+pub use self::sqlite::SqliteStore;
+
 /// Result of appending an event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Appended {
@@ -131,4 +134,19 @@ pub trait Store: Send + Sync + 'static {
     async fn warnings(&self) -> Vec<String> {
         Vec::new()
     }
+}
+
+/// A fresh random non-zero epoch (0 would read as "no epoch").
+pub(crate) fn new_epoch() -> u64 {
+    rand::random::<u64>().max(1)
+}
+
+/// Both backends store send results as postcard-encoded `SendResult`s.
+pub(crate) fn encode_result(result: &SendResult) -> Result<Vec<u8>, StoreError> {
+    postcard::to_stdvec(result).map_err(|e| StoreError::Corrupt(format!("cannot encode send result: {e}")))
+}
+
+/// Inverse of [`encode_result`].
+pub(crate) fn decode_result(bytes: &[u8]) -> Result<SendResult, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt(format!("stored send result: {e}")))
 }

@@ -1,0 +1,444 @@
+//! The production backend: Redis (or Redis Cluster), shared by every proxy replica.
+//!
+//! Per agent (every key carries the hash tag `{agent}`, so one agent's keys share a Cluster
+//! slot and a script may touch them together):
+//! - `c:{agent}:evt`: a stream; entry id `0-<offset>`, fields `record`, `received_ms`, `size`.
+//! - `c:{agent}:meta`: a hash: `epoch`, `head`, `cursor`, `bytes` (size of pending events).
+//! - `c:{agent}:dd:<dedupe key>`: the offset an event was stored at, expiring after the
+//!   dedupe TTL.
+//! - `c:{agent}:send:<idempotency key>`: `inflight`, or the postcard-encoded `SendResult`.
+//!
+//! Append and ack are each ONE Lua script, so they are atomic; with `appendfsync always`
+//! Redis answers only after the AOF fsync, and concurrent calls are pipelined on one
+//! multiplexed connection, so they share fsyncs (group commit).
+//!
+//! Agent ids are escaped in keys (`%`, `{`, `}`, `:` become `%XX`), so no agent id can break
+//! out of its hash tag or collide with another agent's keys; dedupe and idempotency keys sit
+//! at the end of the key after a fixed prefix and need no escaping.
+
+use std::time::Duration;
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::{Client, Script, Value};
+use async_trait::async_trait;
+use concierge_protocol::{Event, EventData, SendResult};
+
+use crate::{
+    Appended, Position, SendClaim, Stats, Store, StoreError, StoreOptions, decode_result, encode_result, new_epoch,
+};
+
+/// Each connection attempt gives up after this long, so a dead Redis fails fast.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Each command gives up after this long, so no caller ever hangs on Redis.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Reconnect attempts per failed request before the error is returned (the next request
+/// starts a new round).
+const RECONNECT_RETRIES: usize = 2;
+/// Key written by `check_writable`, and how long it lives.
+const READYZ_KEY: &str = "c:readyz";
+const READYZ_TTL_MS: u64 = 60_000;
+/// Value of a send key whose send has started but not finished. A postcard-encoded
+/// `SendResult` starts with its variant index (0 or 1), so it can never equal this.
+const INFLIGHT: &[u8] = b"inflight";
+
+/// Shared by every script that touches an agent's meta hash: KEYS[1] = meta, KEYS[2] =
+/// stream, ARGV[1] = a fresh random epoch used only if the meta hash does not exist.
+const PRELUDE: &str = r#"
+local function id(offset) return string.format('0-%d', offset) end
+local function field(fields, name)
+  for i = 1, #fields, 2 do if fields[i] == name then return fields[i + 1] end end
+  return nil
+end
+-- Creates the meta hash with a new epoch on first use, or after Redis lost it. If the
+-- stream survived (eviction), offsets continue after its last entry and every surviving
+-- entry counts as pending again (at-least-once), so nothing is skipped or overwritten.
+local function ensure_meta()
+  if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1]) == 0 then return end
+  local head, bytes, cursor = 0, 0, 0
+  local entries = redis.call('XRANGE', KEYS[2], '-', '+')
+  for i, entry in ipairs(entries) do
+    local offset = tonumber(string.match(entry[1], '%-(%d+)$'))
+    if i == 1 then cursor = offset - 1 end
+    head = offset
+    bytes = bytes + tonumber(field(entry[2], 'size') or '0')
+  end
+  redis.call('HSET', KEYS[1], 'head', head, 'cursor', cursor, 'bytes', bytes)
+end
+ensure_meta()
+"#;
+
+/// KEYS[3] (optional) = dedupe key; ARGV[2] = record, ARGV[3] = received_ms, ARGV[4] = size,
+/// ARGV[5] = dedupe TTL in ms. Returns {1, offset} when stored, {0, offset} for a duplicate.
+const APPEND: &str = r#"
+if KEYS[3] then
+  local original = redis.call('GET', KEYS[3])
+  if original then return {0, tonumber(original)} end
+end
+local offset = redis.call('HINCRBY', KEYS[1], 'head', 1)
+redis.call('XADD', KEYS[2], id(offset), 'record', ARGV[2], 'received_ms', ARGV[3], 'size', ARGV[4])
+redis.call('HINCRBY', KEYS[1], 'bytes', ARGV[4])
+if KEYS[3] then redis.call('SET', KEYS[3], offset, 'PX', ARGV[5]) end
+return {1, offset}
+"#;
+
+/// ARGV[2] = up_to, ARGV[3] = retain_acked. Returns the new cursor.
+const ACK: &str = r#"
+local head = tonumber(redis.call('HGET', KEYS[1], 'head'))
+local cursor = tonumber(redis.call('HGET', KEYS[1], 'cursor'))
+local target = math.min(tonumber(ARGV[2]), head)
+if target > cursor then
+  local freed = 0
+  for _, entry in ipairs(redis.call('XRANGE', KEYS[2], id(cursor + 1), id(target))) do
+    freed = freed + tonumber(field(entry[2], 'size') or '0')
+  end
+  redis.call('HINCRBY', KEYS[1], 'bytes', -freed)
+  redis.call('HSET', KEYS[1], 'cursor', target)
+  cursor = target
+end
+local retain = tonumber(ARGV[3])
+if cursor == head and retain == 0 then
+  -- Fully drained: an empty stream still costs ~4.7 KB. The meta hash stays, so offsets
+  -- never restart.
+  redis.call('DEL', KEYS[2])
+elseif cursor - retain >= 1 then
+  redis.call('XTRIM', KEYS[2], 'MINID', id(cursor - retain + 1))
+end
+return cursor
+"#;
+
+/// Returns {epoch, cursor, head}.
+const POSITION: &str = r#"
+return redis.call('HMGET', KEYS[1], 'epoch', 'cursor', 'head')
+"#;
+
+/// Returns {epoch, cursor, head, pending bytes, received_ms of the oldest pending or nil}.
+const STATS: &str = r#"
+local m = redis.call('HMGET', KEYS[1], 'epoch', 'cursor', 'head', 'bytes')
+local oldest = false
+local first = redis.call('XRANGE', KEYS[2], id(tonumber(m[2]) + 1), '+', 'COUNT', 1)
+if #first > 0 then oldest = field(first[1][2], 'received_ms') end
+return {m[1], m[2], m[3], m[4], oldest}
+"#;
+
+/// KEYS[1] = send key, ARGV[1] = TTL in ms. Returns nil when claimed, else the key's value.
+const CLAIM: &str = r#"
+if redis.call('SET', KEYS[1], 'inflight', 'NX', 'PX', ARGV[1]) then return false end
+return redis.call('GET', KEYS[1])
+"#;
+
+/// The loaded scripts (Redis caches them by SHA; `redis::Script` re-loads after a restart).
+struct Scripts {
+    append: Script,
+    ack: Script,
+    position: Script,
+    stats: Script,
+    claim: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        let with_prelude = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
+        Self {
+            append: with_prelude(APPEND),
+            ack: with_prelude(ACK),
+            position: with_prelude(POSITION),
+            stats: with_prelude(STATS),
+            claim: Script::new(CLAIM),
+        }
+    }
+}
+
+/// The Redis store: shared by replicas, reconnects by itself after Redis restarts.
+pub struct RedisStore {
+    conn: ConnectionManager,
+    opts: StoreOptions,
+    scripts: Scripts,
+}
+
+impl RedisStore {
+    /// Connects to `url` (`redis://host:port/db`); fails if Redis cannot be reached now.
+    pub async fn connect(url: &str, opts: StoreOptions) -> Result<RedisStore, StoreError> {
+        let client = Client::open(url).map_err(|e| StoreError::Config(format!("invalid Redis URL {url:?}: {e}")))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(RECONNECT_RETRIES)
+            .set_min_delay(Duration::from_millis(100))
+            .set_max_delay(Duration::from_secs(1));
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("cannot connect to Redis at {url}: {e}")))?;
+        Ok(RedisStore { conn, opts, scripts: Scripts::new() })
+    }
+
+    /// A handle on the shared multiplexed connection (cheap; requests are pipelined).
+    fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn append(&self, event: &EventData) -> Result<Appended, StoreError> {
+        let keys = AgentKeys::new(&event.agent);
+        let mut call = self.scripts.append.key(&keys.meta);
+        call.key(&keys.evt);
+        if let Some(dedupe) = &event.dedupe_key {
+            call.key(keys.dedupe(dedupe));
+        }
+        call.arg(new_epoch())
+            .arg(event.to_record())
+            .arg(event.received_at_ms)
+            .arg(event.size_hint() as u64)
+            .arg(ttl_ms(self.opts.dedupe_ttl));
+        let (stored, offset): (i64, u64) =
+            call.invoke_async(&mut self.conn()).await.map_err(|e| unavailable("append", &event.agent, e))?;
+        Ok(if stored == 1 { Appended::Stored(offset) } else { Appended::Duplicate(offset) })
+    }
+
+    async fn read(&self, agent: &str, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let keys = AgentKeys::new(agent);
+        let reply: Value = ::redis::cmd("XRANGE")
+            .arg(&keys.evt)
+            .arg(format!("0-{}", after.saturating_add(1)))
+            .arg("+")
+            .arg("COUNT")
+            // Redis parses COUNT as a signed 64-bit integer.
+            .arg(i64::try_from(limit).unwrap_or(i64::MAX))
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| unavailable("read", agent, e))?;
+        parse_entries(agent, reply)
+    }
+
+    async fn ack(&self, agent: &str, up_to: u64) -> Result<u64, StoreError> {
+        let keys = AgentKeys::new(agent);
+        self.scripts
+            .ack
+            .key(&keys.meta)
+            .key(&keys.evt)
+            .arg(new_epoch())
+            .arg(up_to)
+            .arg(self.opts.retain_acked)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| unavailable("ack", agent, e))
+    }
+
+    async fn position(&self, agent: &str) -> Result<Position, StoreError> {
+        let keys = AgentKeys::new(agent);
+        let (epoch, cursor, head): (u64, u64, u64) = self
+            .scripts
+            .position
+            .key(&keys.meta)
+            .key(&keys.evt)
+            .arg(new_epoch())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| unavailable("position", agent, e))?;
+        Ok(Position { epoch, cursor, head })
+    }
+
+    async fn stats(&self, agent: &str) -> Result<Stats, StoreError> {
+        let keys = AgentKeys::new(agent);
+        let (epoch, cursor, head, pending_bytes, oldest_pending_ms): (u64, u64, u64, u64, Option<u64>) = self
+            .scripts
+            .stats
+            .key(&keys.meta)
+            .key(&keys.evt)
+            .arg(new_epoch())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| unavailable("stats", agent, e))?;
+        Ok(Stats {
+            pending: head.saturating_sub(cursor),
+            pending_bytes,
+            oldest_pending_ms,
+            position: Position { epoch, cursor, head },
+        })
+    }
+
+    async fn claim_send(&self, agent: &str, key: &str) -> Result<SendClaim, StoreError> {
+        let existing: Option<Vec<u8>> = self
+            .scripts
+            .claim
+            .key(AgentKeys::new(agent).send(key))
+            .arg(ttl_ms(self.opts.send_ttl))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| unavailable("claim_send", agent, e))?;
+        match existing {
+            None => Ok(SendClaim::Claimed),
+            Some(value) if value == INFLIGHT => Ok(SendClaim::InFlight),
+            Some(value) => Ok(SendClaim::Done(decode_result(&value)?)),
+        }
+    }
+
+    async fn finish_send(&self, agent: &str, key: &str, result: &SendResult) -> Result<(), StoreError> {
+        ::redis::cmd("SET")
+            .arg(AgentKeys::new(agent).send(key))
+            .arg(encode_result(result)?)
+            .arg("PX")
+            .arg(ttl_ms(self.opts.send_ttl))
+            .exec_async(&mut self.conn())
+            .await
+            .map_err(|e| unavailable("finish_send", agent, e))
+    }
+
+    async fn check_writable(&self) -> Result<(), StoreError> {
+        ::redis::cmd("SET")
+            .arg(READYZ_KEY)
+            .arg(concierge_protocol::now_ms())
+            .arg("PX")
+            .arg(READYZ_TTL_MS)
+            .exec_async(&mut self.conn())
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("Redis refused a write: {e}")))
+    }
+
+    async fn warnings(&self) -> Vec<String> {
+        let mut settings = Vec::new();
+        for name in ["appendonly", "appendfsync", "maxmemory-policy"] {
+            let reply: Result<Vec<String>, _> =
+                ::redis::cmd("CONFIG").arg("GET").arg(name).query_async(&mut self.conn()).await;
+            match reply {
+                // CONFIG GET answers [name, value]; an empty answer means the setting is unknown.
+                Ok(pair) => settings.push((name, pair.get(1).cloned().unwrap_or_default())),
+                Err(e) => {
+                    return vec![format!(
+                        "cannot read Redis persistence settings (CONFIG GET {name} failed: {e}); CONFIG may be \
+                         disabled or renamed, so check by hand that appendonly is yes, appendfsync is always and \
+                         maxmemory-policy is noeviction, or acked events can be lost (write-before-ack)"
+                    )];
+                }
+            }
+        }
+        settings.iter().filter_map(|(name, value)| setting_warning(name, value)).collect()
+    }
+}
+
+/// The warning for one Redis setting, if its value breaks write-before-ack.
+fn setting_warning(name: &str, value: &str) -> Option<String> {
+    match (name, value) {
+        ("appendonly", "yes") | ("appendfsync", "always") | ("maxmemory-policy", "noeviction") => None,
+        ("appendonly", v) => Some(format!(
+            "Redis appendonly is {v:?}: without the append-only file every event acked to a platform since \
+             the last snapshot is lost when Redis restarts, which breaks write-before-ack; set appendonly yes"
+        )),
+        ("appendfsync", "everysec") => Some(
+            "Redis appendfsync is \"everysec\": a crash can lose about the last 1 s of events already acked to \
+             platforms (write-before-ack); set appendfsync always for strict durability"
+                .to_owned(),
+        ),
+        ("appendfsync", v) => Some(format!(
+            "Redis appendfsync is {v:?}: writes are acked before they reach the disk, so a crash can lose events \
+             already acked to platforms (write-before-ack); set appendfsync always"
+        )),
+        ("maxmemory-policy", v) => Some(format!(
+            "Redis maxmemory-policy is {v:?}: under memory pressure Redis may evict buffered events, cursors or \
+             dedupe keys that were already acked to platforms (write-before-ack); set maxmemory-policy noeviction"
+        )),
+        _ => None,
+    }
+}
+
+/// The keys of one agent.
+struct AgentKeys {
+    /// `c:{agent}:` with the agent id escaped.
+    prefix: String,
+    meta: String,
+    evt: String,
+}
+
+impl AgentKeys {
+    fn new(agent: &str) -> Self {
+        let prefix = format!("c:{{{}}}:", escape_agent(agent));
+        Self { meta: format!("{prefix}meta"), evt: format!("{prefix}evt"), prefix }
+    }
+
+    fn dedupe(&self, key: &str) -> String {
+        format!("{}dd:{key}", self.prefix)
+    }
+
+    fn send(&self, key: &str) -> String {
+        format!("{}send:{key}", self.prefix)
+    }
+}
+
+/// Escapes an agent id for use inside a hash tag: `%`, `{`, `}` and `:` become `%XX`. The
+/// empty id becomes `%` (never produced otherwise), because an empty tag `{}` would not
+/// keep the agent's keys in one Cluster slot.
+fn escape_agent(agent: &str) -> String {
+    if agent.is_empty() {
+        return "%".to_owned();
+    }
+    let mut out = String::with_capacity(agent.len());
+    for c in agent.chars() {
+        match c {
+            '%' | '{' | '}' | ':' => out.push_str(&format!("%{:02X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Turns an XRANGE reply (`[[id, [field, value, ...]], ...]`) into events.
+fn parse_entries(agent: &str, reply: Value) -> Result<Vec<Event>, StoreError> {
+    let corrupt = |what: &str| StoreError::Corrupt(format!("Redis stream of agent {agent:?}: {what}"));
+    let Value::Array(entries) = reply else {
+        return Err(corrupt("XRANGE did not return an array"));
+    };
+    let mut events = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let (id, fields): (String, Vec<Vec<u8>>) =
+            ::redis::from_redis_value(entry).map_err(|e| corrupt(&format!("malformed entry: {e}")))?;
+        let offset = id
+            .strip_prefix("0-")
+            .and_then(|o| o.parse::<u64>().ok())
+            .ok_or_else(|| corrupt(&format!("unexpected entry id {id:?}")))?;
+        let record = fields
+            .chunks_exact(2)
+            .find(|pair| pair[0] == b"record")
+            .map(|pair| &pair[1])
+            .ok_or_else(|| corrupt(&format!("entry {id} has no record")))?;
+        let data = EventData::from_record(record).map_err(|e| corrupt(&format!("offset {offset}: {e}")))?;
+        events.push(Event { offset, data });
+    }
+    Ok(events)
+}
+
+/// Every Redis failure means "not durable": the caller must not ack.
+fn unavailable(op: &str, agent: &str, e: ::redis::RedisError) -> StoreError {
+    StoreError::Unavailable(format!("Redis {op} for agent {agent:?} failed: {e}"))
+}
+
+/// A TTL in whole milliseconds, at least 1 (Redis rejects `PX 0`).
+fn ttl_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_ids_cannot_escape_their_hash_tag() {
+        assert_eq!(AgentKeys::new("bob").evt, "c:{bob}:evt");
+        assert_eq!(AgentKeys::new("a}:dd:x").evt, "c:{a%7D%3Add%3Ax}:evt");
+        assert_eq!(AgentKeys::new("%7D").meta, "c:{%257D}:meta");
+        assert_eq!(AgentKeys::new("").meta, "c:{%}:meta");
+        assert_eq!(AgentKeys::new("a").dedupe("k}{:"), "c:{a}:dd:k}{:");
+    }
+
+    #[test]
+    fn good_settings_give_no_warning() {
+        assert_eq!(setting_warning("appendonly", "yes"), None);
+        assert_eq!(setting_warning("appendfsync", "always"), None);
+        assert_eq!(setting_warning("maxmemory-policy", "noeviction"), None);
+        let everysec = setting_warning("appendfsync", "everysec").unwrap_or_default();
+        assert!(everysec.contains("1 s"), "{everysec}");
+    }
+}

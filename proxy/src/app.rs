@@ -1,0 +1,247 @@
+//! Assembles a running proxy from a [`Config`]: store, identity, fleet, listeners, runners;
+//! and takes it down again in the order that keeps promise 1 (readiness first, then
+//! listeners, in-flight writes finish, sessions close with a reason).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use concierge_adapters::webhook::{self, ReplyTarget, Route, Verify};
+use concierge_adapters::{EventSink, Ingested, SinkError};
+use concierge_config::{Config, StoreBackend};
+use concierge_protocol::EventData;
+use concierge_store::{Appended, Store, StoreOptions};
+use concierge_wakeup::ConnectInfo;
+use tokio::sync::watch;
+
+use crate::fleet::{AgentRuntime, Fleet};
+use crate::outbound::Outbound;
+use crate::{admin, certs, session, wake};
+
+/// Everything the listeners share.
+pub struct App {
+    /// The validated configuration.
+    pub config: Config,
+    /// The durable log.
+    pub store: Arc<dyn Store>,
+    /// Configured agents.
+    pub fleet: Fleet,
+    /// Agent sends.
+    pub outbound: Outbound,
+    /// Frame ceiling on QUIC streams.
+    pub max_frame: usize,
+    /// SHA-256 of the proxy's certificate.
+    pub fingerprint: String,
+    /// Store settings that break promises, shown by the admin API.
+    pub warnings: Vec<String>,
+    shutting_down: AtomicBool,
+}
+
+impl App {
+    /// True once shutdown began; `/readyz` fails and new sessions are refused.
+    pub fn shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
+    }
+}
+
+/// The proxy's front door for inbound events (promise 1): `Ok` only after the durable write.
+#[async_trait]
+impl EventSink for App {
+    async fn ingest(&self, event: EventData) -> Result<Ingested, SinkError> {
+        let agent = self
+            .fleet
+            .get(&event.agent)
+            .ok_or_else(|| SinkError::Rejected(format!("unknown agent {}", event.agent)))?;
+        let pending = agent.pending();
+        if pending >= agent.config.max_pending {
+            return Err(SinkError::Rejected(format!(
+                "buffer full: agent {} has {pending} events pending",
+                event.agent
+            )));
+        }
+        match self.store.append(&event).await {
+            Ok(Appended::Stored(offset)) => {
+                agent.stored(offset);
+                Ok(Ingested { offset, duplicate: false })
+            }
+            Ok(Appended::Duplicate(offset)) => Ok(Ingested { offset, duplicate: true }),
+            Err(e) => {
+                tracing::warn!(agent = %event.agent, error = %e, "event not stored; not acknowledged");
+                Err(SinkError::Unavailable(e.to_string()))
+            }
+        }
+    }
+}
+
+/// A started proxy: its bound addresses and the means to stop it.
+pub struct Running {
+    /// Where agents dial.
+    pub quic_addr: SocketAddr,
+    /// Webhook ingress.
+    pub http_addr: SocketAddr,
+    /// Admin API.
+    pub admin_addr: SocketAddr,
+    /// Shared state (tests and the binary read it).
+    pub app: Arc<App>,
+    endpoint: quinn::Endpoint,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Opens the configured store.
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let options = StoreOptions {
+        dedupe_ttl: config.store.dedupe_ttl,
+        retain_acked: config.store.retain_acked,
+        send_ttl: config.store.send_ttl,
+    };
+    Ok(match &config.store.backend {
+        StoreBackend::Embedded { path } => Arc::new(concierge_store::sqlite::SqliteStore::open(path, options)?),
+        StoreBackend::Redis { url } => {
+            Arc::new(concierge_store::redis::RedisStore::connect(url.expose(), options).await?)
+        }
+    })
+}
+
+/// Starts every part of the proxy.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let store = open_store(&config).await?;
+    let warnings = store.warnings().await;
+    for w in &warnings {
+        tracing::warn!("store: {w}");
+    }
+    let identity = match &config.tls {
+        Some(files) => certs::load(&files.cert, &files.key)?,
+        None => certs::dev(&config.server.data_dir, &config.server.server_name)?,
+    };
+    let fingerprint = identity.fingerprint.clone();
+    let server_config = concierge_protocol::tls::server_config(identity.chain, identity.key)?;
+    let endpoint = quinn::Endpoint::server(server_config, config.server.quic_listen)
+        .with_context(|| format!("binding QUIC on {}", config.server.quic_listen))?;
+    let quic_addr = endpoint.local_addr()?;
+
+    let mut fleet = Fleet::new();
+    let mut inputs = Vec::new();
+    for (id, agent) in &config.agents {
+        let position = store.position(id).await.with_context(|| format!("reading the log position of agent {id}"))?;
+        let (runtime, rx) = AgentRuntime::new(agent.clone(), position.head, position.cursor);
+        fleet.insert(id.clone(), runtime.clone());
+        inputs.push((runtime, rx));
+    }
+
+    let mut routes = Vec::new();
+    let mut replies = HashMap::new();
+    for (name, hook) in &config.webhooks {
+        let verify = match &hook.verify {
+            concierge_config::Verify::None => Verify::None,
+            concierge_config::Verify::Standard { secret } => Verify::Standard {
+                secrets: secret.expose().split_whitespace().map(concierge_adapters::signature::secret_bytes).collect(),
+            },
+            concierge_config::Verify::Hmac { header, secret } => {
+                Verify::Hmac { header: header.clone(), secret: secret.expose().as_bytes().to_vec() }
+            }
+        };
+        let reply = hook.reply_url.as_ref().map(|url| ReplyTarget {
+            url: url.clone(),
+            secret: hook.reply_secret.as_ref().map(|s| concierge_adapters::signature::secret_bytes(s.expose())),
+        });
+        if let Some(r) = &reply {
+            replies.insert((hook.agent.clone(), name.clone()), r.clone());
+        }
+        routes.push(Route {
+            agent: hook.agent.clone(),
+            name: name.clone(),
+            verify,
+            max_body: hook.max_body as usize,
+            reply,
+        });
+    }
+    let http = reqwest::Client::builder().build().context("building the HTTP client")?;
+    let app = Arc::new(App {
+        outbound: Outbound::new(store.clone(), replies, http),
+        max_frame: config.server.max_frame as usize,
+        store,
+        fleet,
+        fingerprint: fingerprint.clone(),
+        warnings,
+        shutting_down: AtomicBool::new(false),
+        config,
+    });
+
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+
+    let public = if app.config.server.public_addr.ends_with(":0") {
+        quic_addr.to_string()
+    } else {
+        app.config.server.public_addr.clone()
+    };
+    let connect = ConnectInfo {
+        addr: public,
+        server_name: app.config.server.server_name.clone(),
+        cert_sha256: Some(fingerprint),
+    };
+    for (runtime, rx) in inputs {
+        let driver = wake::driver(&runtime.config)
+            .map_err(|e| anyhow::anyhow!("agent {}: wake driver: {}", runtime.id(), e.message))?;
+        tasks.push(wake::spawn(runtime, rx, driver, connect.clone()));
+    }
+
+    let ingress = webhook::router(routes, app.clone() as Arc<dyn EventSink>);
+    let http_listener = tokio::net::TcpListener::bind(app.config.server.http_listen)
+        .await
+        .with_context(|| format!("binding webhook ingress on {}", app.config.server.http_listen))?;
+    let http_addr = http_listener.local_addr()?;
+    tasks.push(serve_http(http_listener, ingress, shutdown_rx.clone()));
+
+    let admin_listener = tokio::net::TcpListener::bind(app.config.server.admin_listen)
+        .await
+        .with_context(|| format!("binding the admin API on {}", app.config.server.admin_listen))?;
+    let admin_addr = admin_listener.local_addr()?;
+    tasks.push(serve_http(admin_listener, admin::router(app.clone()), shutdown_rx.clone()));
+
+    tasks.push(tokio::spawn(session::serve(app.clone(), endpoint.clone(), shutdown_rx)));
+    Ok(Running { quic_addr, http_addr, admin_addr, app, endpoint, shutdown, tasks })
+}
+
+fn serve_http(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    mut shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let stop = async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        };
+        if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(stop).await {
+            tracing::error!(error = %e, "HTTP listener failed");
+        }
+    })
+}
+
+impl Running {
+    /// Stops in order: readiness, listeners (in-flight requests finish), sessions, runners.
+    pub async fn shutdown(self) {
+        self.app.shutting_down.store(true, Ordering::Relaxed);
+        let _ = self.shutdown.send(true);
+        let grace = self.app.config.server.shutdown_grace;
+        let (listeners, runners): (Vec<_>, Vec<_>) = {
+            let n = self.app.fleet.len();
+            let mut tasks = self.tasks;
+            let listeners = tasks.split_off(n);
+            (listeners, tasks)
+        };
+        let _ = tokio::time::timeout(grace, futures::future::join_all(listeners)).await;
+        for agent in self.app.fleet.values() {
+            agent.close_session("proxy shutting down");
+        }
+        self.endpoint.close(1u32.into(), b"proxy shutting down");
+        let _ = tokio::time::timeout(grace, self.endpoint.wait_idle()).await;
+        for r in runners {
+            r.abort();
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! The QUIC side: accepts agent connections, authenticates the session stream, delivers the
+//! agent's log within its credit window, applies acks, and serves each send on its own stream.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use concierge_protocol::frame::SUPPORTED_VERSIONS;
+use concierge_protocol::io::{FrameReader, IoError, write_frame};
+use concierge_protocol::{RejectCode, SendResult, ToAgent, ToProxy};
+use tokio::sync::watch;
+
+use crate::app::App;
+use crate::fleet::{AgentRuntime, SessionControl};
+use crate::lifecycle::Input;
+
+/// Most events per `Deliver` frame; also bounded by bytes so frames stay under the ceiling.
+const MAX_BATCH: usize = 512;
+/// The agent must say Hello this quickly after opening the connection.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+/// Accepts connections until shutdown.
+pub async fn serve(app: Arc<App>, endpoint: quinn::Endpoint, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => match i { Some(i) => i, None => return },
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => connection(app, conn).await,
+                Err(e) => tracing::debug!(%remote, error = %e, "QUIC handshake failed"),
+            }
+        });
+    }
+}
+
+async fn connection(app: Arc<App>, conn: quinn::Connection) {
+    let remote = conn.remote_address();
+    let (mut send, recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
+        Ok(Ok(streams)) => streams,
+        Ok(Err(e)) => return tracing::debug!(%remote, error = %e, "connection closed before the session stream"),
+        Err(_) => return conn.close(3u32.into(), b"no session stream"),
+    };
+    let mut reader = FrameReader::new(recv, app.max_frame);
+    let agent = match tokio::time::timeout(HELLO_TIMEOUT, hello(&app, &mut reader)).await {
+        Ok(Ok(agent)) => agent,
+        Ok(Err((code, message))) => {
+            tracing::info!(%remote, ?code, %message, "session rejected");
+            let _ = write_frame(&mut send, &ToAgent::Reject { code, message }).await;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+            return conn.close(4u32.into(), b"rejected");
+        }
+        Err(_) => {
+            let message = format!("no Hello within {HELLO_TIMEOUT:?}");
+            let _ = write_frame(&mut send, &ToAgent::Reject { code: RejectCode::BadHello, message }).await;
+            return conn.close(4u32.into(), b"rejected");
+        }
+    };
+    let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
+    let (drain_tx, drain_rx) = watch::channel(false);
+    agent.attach(SessionControl { id, drain: drain_tx, connection: conn.clone() });
+    tracing::info!(agent = agent.id(), session = id, %remote, "agent connected");
+    let sends = tokio::spawn(serve_sends(app.clone(), agent.clone(), conn.clone()));
+    let result = deliver(&app, &agent, id, &mut send, &mut reader, drain_rx).await;
+    match &result {
+        Ok(()) => tracing::info!(agent = agent.id(), session = id, "session ended"),
+        Err(e) => tracing::info!(agent = agent.id(), session = id, error = %e, "session ended"),
+    }
+    if let Err(SessionError::Protocol(message)) = &result {
+        conn.close(5u32.into(), message.as_bytes());
+    }
+    agent.detach(id);
+    // Sends already accepted finish on their own; new ones end with the connection.
+    let _ = tokio::time::timeout(Duration::from_secs(30), conn.closed()).await;
+    sends.abort();
+}
+
+/// Reads and checks `Hello`; the error is what `Reject` says.
+async fn hello(app: &App, reader: &mut FrameReader) -> Result<Arc<AgentRuntime>, (RejectCode, String)> {
+    let frame =
+        reader.next::<ToProxy>().await.map_err(|e| (RejectCode::BadHello, format!("could not read Hello: {e}")))?;
+    let Some(ToProxy::Hello { version, agent, token, client }) = frame else {
+        return Err((RejectCode::BadHello, "the first frame on the session stream must be Hello".into()));
+    };
+    if !SUPPORTED_VERSIONS.contains(&version) {
+        return Err((
+            RejectCode::UnsupportedVersion,
+            format!("protocol version {version} is not supported; supported versions: {SUPPORTED_VERSIONS:?}"),
+        ));
+    }
+    if app.shutting_down() {
+        return Err((RejectCode::ShuttingDown, "the proxy is shutting down; reconnect shortly".into()));
+    }
+    // Unknown agent and wrong token get the same answer: no probing for agent ids.
+    match app.fleet.get(&agent) {
+        Some(a) if a.config.token_matches(&token) => {
+            tracing::debug!(%agent, %client, "hello accepted");
+            Ok(a.clone())
+        }
+        _ => Err((RejectCode::Unauthorized, "unknown agent or wrong token".into())),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Io(String),
+    #[error("store: {0}")]
+    Store(#[from] concierge_store::StoreError),
+}
+
+impl From<IoError> for SessionError {
+    fn from(e: IoError) -> Self {
+        match e {
+            IoError::Frame(f) => SessionError::Protocol(f.to_string()),
+            other => SessionError::Io(other.to_string()),
+        }
+    }
+}
+
+/// Welcome, then replay from the cursor and tail the log within the credit window.
+async fn deliver(
+    app: &App,
+    agent: &AgentRuntime,
+    session: u64,
+    send: &mut quinn::SendStream,
+    reader: &mut FrameReader,
+    mut drain: watch::Receiver<bool>,
+) -> Result<(), SessionError> {
+    let position = app.store.position(agent.id()).await?;
+    let mut acked = position.cursor;
+    let mut sent = position.cursor;
+    let mut window = u64::from(agent.config.window.max(1));
+    let welcome = ToAgent::Welcome {
+        session: format!("{session:x}"),
+        epoch: position.epoch,
+        cursor: position.cursor,
+        backlog: position.head.saturating_sub(position.cursor),
+    };
+    write_frame(send, &welcome).await?;
+    let mut head = agent.watch_head();
+    let mut delivered_any = false;
+    let mut draining = false;
+    loop {
+        // Fill the window from the log.
+        while !draining && sent < *head.borrow_and_update() && sent - acked < window {
+            let room = (window - (sent - acked)).min(MAX_BATCH as u64) as usize;
+            let events = read_batch(app, agent.id(), sent, room).await?;
+            let Some(last) = events.last() else { break };
+            sent = last.offset;
+            write_frame(send, &ToAgent::Deliver { events }).await?;
+            if !delivered_any {
+                delivered_any = true;
+                agent.input(Input::Delivered);
+            }
+        }
+        tokio::select! {
+            frame = reader.next::<ToProxy>() => match frame? {
+                Some(ToProxy::Credit { window: w }) => window = u64::from(w.max(1)),
+                Some(ToProxy::Ack { up_to }) => {
+                    if up_to > sent {
+                        return Err(SessionError::Protocol(format!("Ack up to {up_to} but only {sent} was delivered")));
+                    }
+                    if up_to > acked {
+                        acked = app.store.ack(agent.id(), up_to).await?;
+                        agent.acked(acked);
+                    }
+                }
+                Some(ToProxy::Idle) => agent.input(Input::Idle),
+                Some(other) => return Err(SessionError::Protocol(format!("unexpected frame on the session stream: {}", frame_name(&other)))),
+                None => return Ok(()),
+            },
+            changed = head.changed() => if changed.is_err() { return Ok(()) },
+            changed = drain.changed(), if !draining => {
+                let asked = changed.is_ok() && *drain.borrow();
+                // A dropped sender means this session was superseded: stop delivering too.
+                draining = asked || changed.is_err();
+                if asked {
+                    write_frame(send, &ToAgent::Drain { reason: "the proxy is putting this agent to sleep".into() }).await?;
+                }
+            }
+        }
+    }
+}
+
+/// Reads up to `room` events after `after`, capped so the frame stays under the ceiling.
+async fn read_batch(
+    app: &App,
+    agent: &str,
+    after: u64,
+    room: usize,
+) -> Result<Vec<concierge_protocol::Event>, SessionError> {
+    let mut events = app.store.read(agent, after, room).await?;
+    let budget = app.max_frame / 2;
+    let mut bytes = 0;
+    let keep = events
+        .iter()
+        .position(|e| {
+            bytes += e.data.size_hint() + 64;
+            bytes > budget
+        })
+        .unwrap_or(events.len())
+        .max(1);
+    events.truncate(keep);
+    Ok(events)
+}
+
+fn frame_name(frame: &ToProxy) -> &'static str {
+    match frame {
+        ToProxy::Hello { .. } => "Hello",
+        ToProxy::Credit { .. } => "Credit",
+        ToProxy::Ack { .. } => "Ack",
+        ToProxy::Idle => "Idle",
+        ToProxy::Send(_) => "Send",
+    }
+}
+
+/// Each further bidi stream carries one Send.
+async fn serve_sends(app: Arc<App>, agent: Arc<AgentRuntime>, conn: quinn::Connection) {
+    while let Ok((mut send, recv)) = conn.accept_bi().await {
+        let app = app.clone();
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let mut reader = FrameReader::new(recv, app.max_frame);
+            let result = match reader.next::<ToProxy>().await {
+                Ok(Some(ToProxy::Send(request))) => app.outbound.send(agent.id(), request).await,
+                Ok(Some(other)) => SendResult::err(
+                    "protocol",
+                    format!("expected Send on a send stream, got {}", frame_name(&other)),
+                    false,
+                ),
+                Ok(None) => return,
+                Err(e) => SendResult::err("protocol", e.to_string(), false),
+            };
+            let _ = write_frame(&mut send, &ToAgent::SendResult(result)).await;
+            let _ = send.finish();
+        });
+    }
+}

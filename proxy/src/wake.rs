@@ -1,0 +1,182 @@
+//! Runs each agent's [`Lifecycle`]: feeds it inputs and timers, performs its actions with the
+//! agent's wake driver, and publishes what the admin API shows.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use concierge_config::{AgentConfig, DriverConfig, WakePolicy};
+use concierge_wakeup::{ConnectInfo, DriverStatus, WakeDriver, WakeRequest};
+use tokio::sync::mpsc;
+
+use crate::fleet::{AgentRuntime, LifecycleView};
+use crate::lifecycle::{Action, DriverFailure, Input, Lifecycle, Policy, Settings};
+
+/// How long a drained agent gets to disconnect before its session is closed.
+const DRAIN_GRACE: Duration = Duration::from_secs(10);
+
+/// The machine's settings from an agent's configuration.
+pub fn settings(config: &AgentConfig) -> Settings {
+    let w = &config.wake;
+    Settings {
+        policy: match w.policy {
+            WakePolicy::Immediate => Policy::Immediate,
+            WakePolicy::Coalesce(d) => Policy::Coalesce(d),
+            WakePolicy::Never => Policy::Never,
+        },
+        connect_timeout: w.connect_timeout,
+        max_attempts: w.max_attempts.max(1),
+        backoff_initial: w.backoff_initial,
+        backoff_max: w.backoff_max,
+        unreachable_retry: w.unreachable_retry,
+        sleep_after: w.sleep_after,
+    }
+}
+
+/// Builds the configured driver; `None` when the agent has no driver (it connects by itself).
+pub fn driver(config: &AgentConfig) -> Result<Option<Arc<dyn WakeDriver>>, concierge_wakeup::WakeError> {
+    use concierge_wakeup::{ExecDriver, ExecOptions, FlyDriver, FlyOptions, HttpDriver, HttpOptions};
+    Ok(match &config.wake.driver {
+        DriverConfig::None => None,
+        DriverConfig::Exec { command, env, settle, stop_command } => Some(Arc::new(ExecDriver::new(ExecOptions {
+            command: command.clone(),
+            env: env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            settle: *settle,
+            stop_command: stop_command.clone(),
+        })?)),
+        DriverConfig::Http { url, secret, timeout } => Some(Arc::new(HttpDriver::new(HttpOptions {
+            url: url.clone(),
+            secret: secret.as_ref().map(|s| concierge_adapters::signature::secret_bytes(s.expose())),
+            timeout: *timeout,
+        })?)),
+        DriverConfig::Fly { api_base, app, machine, api_token, wait_timeout } => {
+            Some(Arc::new(FlyDriver::new(FlyOptions {
+                api_base: api_base.clone(),
+                app: app.clone(),
+                machine: machine.clone(),
+                api_token: api_token.expose().to_string(),
+                wait_timeout: *wait_timeout,
+            })?))
+        }
+    })
+}
+
+/// Spawns the runner of one agent's lifecycle.
+pub fn spawn(
+    agent: Arc<AgentRuntime>,
+    mut inputs: mpsc::UnboundedReceiver<Input>,
+    driver: Option<Arc<dyn WakeDriver>>,
+    connect: ConnectInfo,
+) -> tokio::task::JoinHandle<()> {
+    let mut machine = Lifecycle::new(settings(&agent.config), agent.pending() > 0);
+    let loopback = agent.clone();
+    tokio::spawn(async move {
+        let actions = machine.start(Instant::now());
+        perform(&agent, &driver, &connect, actions);
+        publish(&agent, &machine);
+        loop {
+            let deadline = machine.deadline();
+            let input = tokio::select! {
+                input = inputs.recv() => match input { Some(i) => i, None => return },
+                _ = sleep_until(deadline) => Input::Timer,
+            };
+            let actions = machine.handle(input, Instant::now());
+            perform(&loopback, &driver, &connect, actions);
+            publish(&agent, &machine);
+        }
+    })
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn publish(agent: &AgentRuntime, machine: &Lifecycle) {
+    let now = Instant::now();
+    agent.set_view(LifecycleView {
+        state: machine.state(),
+        last_wake: machine.last_wake().cloned(),
+        last_error: machine.last_error().map(str::to_string),
+        next_action_in_ms: machine.deadline().map(|d| d.saturating_duration_since(now).as_millis() as u64),
+    });
+}
+
+fn perform(
+    agent: &Arc<AgentRuntime>,
+    driver: &Option<Arc<dyn WakeDriver>>,
+    connect: &ConnectInfo,
+    actions: Vec<Action>,
+) {
+    for action in actions {
+        let agent = agent.clone();
+        let driver = driver.clone();
+        match action {
+            Action::CallDriver { attempt } => {
+                let request = WakeRequest {
+                    agent: agent.id().to_string(),
+                    reason: if attempt == 1 { "events pending".into() } else { format!("retry {attempt}") },
+                    pending: agent.pending(),
+                    connect: connect.clone(),
+                };
+                let cap = agent.config.wake.connect_timeout.max(Duration::from_secs(60));
+                tokio::spawn(async move {
+                    let result = match driver {
+                        None => Err(DriverFailure {
+                            message: "no wake driver configured; waiting for the agent to connect".into(),
+                            retryable: false,
+                        }),
+                        Some(d) => match tokio::time::timeout(cap, d.wake(&request)).await {
+                            Ok(Ok(())) => Ok(()),
+                            Ok(Err(e)) => Err(DriverFailure {
+                                message: format!("{} driver: {}", d.kind(), e.message),
+                                retryable: e.retryable,
+                            }),
+                            Err(_) => Err(DriverFailure {
+                                message: format!("{} driver did not return within {cap:?}", d.kind()),
+                                retryable: true,
+                            }),
+                        },
+                    };
+                    if let Err(e) = &result {
+                        tracing::warn!(agent = %request.agent, attempt, error = %e.message, "wake attempt failed");
+                    }
+                    agent.input(Input::DriverReturned(result));
+                });
+            }
+            Action::Sleep => {
+                tokio::spawn(async move {
+                    let result = put_to_sleep(&agent, driver.as_deref()).await;
+                    agent.input(Input::SleepReturned(result));
+                });
+            }
+        }
+    }
+}
+
+/// Drains the session, stops the compute where the driver can, and verifies it went away.
+async fn put_to_sleep(agent: &AgentRuntime, driver: Option<&dyn WakeDriver>) -> Result<(), DriverFailure> {
+    let mut detached = agent.watch_detach();
+    if agent.request_drain() && tokio::time::timeout(DRAIN_GRACE, detached.changed()).await.is_err() {
+        tracing::warn!(agent = agent.id(), "agent did not disconnect after Drain; closing its session");
+        agent.close_session("sleep: drain timed out");
+    }
+    let Some(driver) = driver.filter(|d| d.can_sleep()) else { return Ok(()) };
+    driver.sleep(agent.id()).await.map_err(|e| DriverFailure {
+        message: format!("{} driver sleep: {}", driver.kind(), e.message),
+        retryable: e.retryable,
+    })?;
+    // "stop() returned success while the container kept running" is a real failure mode.
+    for _ in 0..20 {
+        match driver.status(agent.id()).await {
+            Ok(DriverStatus::Stopped) | Ok(DriverStatus::Unknown) => return Ok(()),
+            Ok(DriverStatus::Running) => tokio::time::sleep(Duration::from_millis(250)).await,
+            Err(e) => return Err(DriverFailure { message: e.message, retryable: e.retryable }),
+        }
+    }
+    Err(DriverFailure {
+        message: format!("{} driver reported sleep but the agent is still running", driver.kind()),
+        retryable: true,
+    })
+}

@@ -1,0 +1,295 @@
+//! Shared harness for the proxy's integration tests: real processes, real sockets, real Redis.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use concierge_protocol::client::{AgentClient, ClientOptions};
+use concierge_protocol::tls::Trust;
+use serde_json::Value;
+
+pub const TOKEN: &str = "test-token-0123456789";
+
+/// A port free for both TCP and UDP right now.
+pub fn free_port() -> u16 {
+    for _ in 0..50 {
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port found");
+}
+
+/// Which store a test runs against.
+#[derive(Clone, Debug)]
+pub enum Backend {
+    Embedded,
+    Redis(String),
+}
+
+/// Writes a config file: `body` is appended after a `[server]` and `[store]` preamble.
+pub fn write_config(dir: &Path, backend: &Backend, ports: [u16; 3], body: &str) -> PathBuf {
+    let store = match backend {
+        Backend::Embedded => format!("backend = \"embedded\"\npath = \"{}\"", dir.join("store.db").display()),
+        Backend::Redis(url) => format!("backend = \"redis\"\nurl = \"{url}\""),
+    };
+    let text = format!(
+        "[server]\nquic_listen = \"127.0.0.1:{}\"\nhttp_listen = \"127.0.0.1:{}\"\nadmin_listen = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\nshutdown_grace = \"2s\"\n\n[store]\n{store}\n\n{body}",
+        ports[0],
+        ports[1],
+        ports[2],
+        dir.join("data").display()
+    );
+    let path = dir.join("concierge.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A `concierge serve` child process and the addresses it printed.
+pub struct Proxy {
+    pub child: Child,
+    pub quic: String,
+    pub http: String,
+    pub admin: String,
+    pub cert_sha256: String,
+    pub log: Arc<Mutex<String>>,
+}
+
+impl Proxy {
+    pub fn start(config: &Path) -> Proxy {
+        Self::start_with_env(config, &[])
+    }
+
+    pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Proxy {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_concierge"));
+        cmd.args(["serve", "--config"]).arg(config).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.env("RUST_LOG", "info,quinn=warn");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn concierge");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    let _ = tx.send(v);
+                }
+            }
+        });
+        let ready = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(v) => v,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("concierge did not become ready; log:\n{}", log.lock().unwrap());
+            }
+        };
+        Proxy {
+            child,
+            quic: ready["quic"].as_str().unwrap().to_string(),
+            http: ready["http"].as_str().unwrap().to_string(),
+            admin: ready["admin"].as_str().unwrap().to_string(),
+            cert_sha256: ready["cert_sha256"].as_str().unwrap().to_string(),
+            log,
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "concierge did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn client_options(&self, agent: &str, token: &str) -> ClientOptions {
+        let mut o = ClientOptions::new(self.quic.clone(), agent, token, Trust::Pinned(self.cert_sha256.clone()));
+        o.reconnect_attempts = 3;
+        o
+    }
+
+    pub async fn connect(&self, agent: &str) -> AgentClient {
+        AgentClient::connect(self.client_options(agent, TOKEN)).await.expect("agent connects")
+    }
+
+    pub async fn agents(&self) -> Value {
+        let r = reqwest::get(format!("http://{}/api/agents", self.admin)).await.unwrap();
+        r.json().await.unwrap()
+    }
+
+    pub async fn agent(&self, id: &str) -> Value {
+        let all = self.agents().await;
+        all["agents"].as_array().unwrap().iter().find(|a| a["id"] == id).cloned().expect("agent listed")
+    }
+
+    /// POSTs an unsigned webhook; returns (status, json).
+    pub async fn post(&self, agent: &str, route: &str, body: &str, id: Option<&str>) -> (u16, Value) {
+        let mut req = reqwest::Client::new()
+            .post(format!("http://{}/hooks/{agent}/{route}", self.http))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        if let Some(id) = id {
+            req = req.header("Idempotency-Key", id);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `redis-server` of the test's own, with AOF fsync always, on a free port.
+pub struct Redis {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Redis { port: free_port(), dir, child: None };
+        r.restart();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
+            .args(["--appendfsync", "always", "--dir"])
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// An HTTP server that records every request body (stands in for a reply target).
+pub struct Sink {
+    pub url: String,
+    pub received: Arc<Mutex<Vec<(axum::http::HeaderMap, String)>>>,
+}
+
+impl Sink {
+    pub async fn start() -> Sink {
+        let received: Arc<Mutex<Vec<(axum::http::HeaderMap, String)>>> = Arc::default();
+        let store = received.clone();
+        let app = axum::Router::new().fallback(move |headers: axum::http::HeaderMap, body: String| {
+            let store = store.clone();
+            async move {
+                store.lock().unwrap().push((headers, body));
+                "ok"
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/replies", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Sink { url, received }
+    }
+
+    pub fn bodies(&self) -> Vec<Value> {
+        self.received.lock().unwrap().iter().map(|(_, b)| serde_json::from_str(b).unwrap()).collect()
+    }
+
+    /// Waits until `n` requests arrived (bounded).
+    pub async fn wait_for(&self, n: usize, within: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + within;
+        loop {
+            let got = self.bodies();
+            if got.len() >= n || Instant::now() > deadline {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Polls `f` until it returns Some, for at most `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// An agent section with a token and optional extra wake settings.
+pub fn agent_section(id: &str, wake: &str) -> String {
+    format!("[agents.{id}]\ntoken = \"{TOKEN}\"\n[agents.{id}.wake]\n{wake}\n")
+}
+
+/// The exec wake settings that start the built-in echo agent.
+pub fn echo_wake(extra: &str) -> String {
+    format!(
+        "driver = \"exec\"\ncommand = [\"{}\", \"agent\", \"echo\"]\nenv = {{ CONCIERGE_TOKEN = \"{TOKEN}\" }}\nsettle = \"200ms\"\nconnect_timeout = \"10s\"\n{extra}",
+        env!("CARGO_BIN_EXE_concierge")
+    )
+}

@@ -1,0 +1,64 @@
+//! End to end through real processes: webhook -> durable store -> exec wake of the built-in
+//! echo agent -> QUIC delivery -> ack -> reply POSTed to the route's reply_url.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+async fn webhook_to_woken_echo_agent_and_back(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start().await;
+    let body = format!(
+        "{}\n[webhooks.demo]\nagent = \"echo\"\nverify = \"none\"\nreply_url = \"{}\"\n",
+        agent_section("echo", &echo_wake("sleep_after = \"30s\"")),
+        sink.url
+    );
+    let config = write_config(dir.path(), &backend, [0, 0, 0], &body);
+    let proxy = Proxy::start(&config);
+    assert_eq!(proxy.agent("echo").await["state"], "asleep");
+
+    let (status, ack) = proxy.post("echo", "demo", r#"{"text":"hello"}"#, Some("m-1")).await;
+    assert_eq!(status, 202, "{ack}");
+    let offset = ack["offset"].as_u64().unwrap();
+
+    let replies = sink.wait_for(1, Duration::from_secs(20)).await;
+    assert_eq!(replies.len(), 1, "one echoed reply; proxy log:\n{}", proxy.log());
+    assert_eq!(replies[0]["body"], "echo: hello");
+    assert_eq!(replies[0]["conversation"], "demo");
+    assert_eq!(replies[0]["reply_to"], offset);
+
+    // The agent acked: the cursor moved and nothing is pending.
+    let agent = eventually(Duration::from_secs(10), || async {
+        let a = proxy.agent("echo").await;
+        (a["cursor"] == offset && a["pending"] == 0).then_some(a)
+    })
+    .await
+    .unwrap_or_else(|| panic!("cursor never reached {offset}: {}", proxy.log()));
+    assert_eq!(agent["state"], "awake");
+    let wake = &agent["last_wake"];
+    assert_eq!(wake["outcome"], "connected");
+    assert!(wake["connected_after_ms"].as_f64().unwrap() > 0.0);
+    assert!(wake["first_delivery_after_ms"].as_f64().unwrap() >= wake["connected_after_ms"].as_f64().unwrap());
+
+    // A second message goes to the already-awake agent: still exactly one reply each.
+    let (status, _) = proxy.post("echo", "demo", r#"{"text":"again"}"#, Some("m-2")).await;
+    assert_eq!(status, 202);
+    let replies = sink.wait_for(2, Duration::from_secs(10)).await;
+    assert_eq!(replies.len(), 2);
+    assert_eq!(replies[1]["body"], "echo: again");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sink.bodies().len(), 2, "no duplicate replies");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn end_to_end_on_the_embedded_store() {
+    webhook_to_woken_echo_agent_and_back(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn end_to_end_on_redis() {
+    let redis = Redis::start();
+    webhook_to_woken_echo_agent_and_back(Backend::Redis(redis.url())).await;
+}
