@@ -155,7 +155,13 @@ impl Ctx<'_> {
         while !k.is_empty() {
             if let Some(md) = self.figment.find_metadata(k) {
                 if md.name.contains("environment variable") {
-                    return format!("environment variable {ENV_PREFIX}{}", k.replace('.', "__").to_ascii_uppercase());
+                    let var = format!("{ENV_PREFIX}{}", k.replace('.', "__").to_ascii_uppercase());
+                    // `key` itself is missing and its nearest table exists only in the environment.
+                    return if k == key {
+                        format!("environment variable {var}")
+                    } else {
+                        format!("environment variables {var}__*")
+                    };
                 }
                 break;
             }
@@ -175,7 +181,10 @@ impl Ctx<'_> {
             path.extend(e.path.iter().cloned());
             let problem = match &e.kind {
                 Kind::UnknownField(field, allowed) => {
-                    path.push(field.clone());
+                    // figment already appends the key itself to the path; serde alone does not.
+                    if path.last() != Some(field) {
+                        path.push(field.clone());
+                    }
                     unknown_key(field, allowed)
                 }
                 Kind::MissingField(field) => {
@@ -212,11 +221,25 @@ impl Ctx<'_> {
             self.err(key, format!("expected a table, found {}", value_type(v)));
             return None;
         }
-        match T::deserialize(v) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                self.figment_error(key, e);
-                None
+        // serde stops at the first problem; an unknown key cannot affect the others, so report
+        // it, drop it and retry, so that every unknown key and every bad value is reported.
+        let mut dict = v.as_dict().cloned().unwrap_or_default();
+        loop {
+            match T::deserialize(&Value::from(dict.clone())) {
+                Ok(t) => return Some(t),
+                Err(e) => {
+                    let unknown = match &e.kind {
+                        Kind::UnknownField(f, _) if e.count() == 1 && e.path.len() == 1 && e.path[0] == *f => {
+                            Some(f.clone())
+                        }
+                        _ => None,
+                    };
+                    self.figment_error(key, e);
+                    match unknown {
+                        Some(f) if dict.remove(&f).is_some() => continue,
+                        _ => return None,
+                    }
+                }
             }
         }
     }
@@ -883,7 +906,8 @@ impl Ctx<'_> {
                     let known = if agent_ids.is_empty() {
                         "no agents are configured".to_string()
                     } else {
-                        format!("configured agents: {}", agent_ids.join(", "))
+                        let ids: Vec<String> = agent_ids.iter().map(|id| display_key("", id)).collect();
+                        format!("configured agents: {}", ids.join(", "))
                     };
                     self.err(&k("agent"), format!("unknown agent {a:?}; {known}"));
                 }
@@ -1044,7 +1068,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim())
-        .map_err(|e| format!("invalid duration {s:?}: {e} (examples: \"500ms\", \"30s\", \"10m\", \"7d\")"))
+        .map_err(|e| format!("invalid duration {s:?}: {e}; examples: \"500ms\", \"30s\", \"10m\", \"7d\""))
 }
 
 fn parse_policy(s: &str) -> Result<WakePolicy, String> {

@@ -4,6 +4,9 @@
 //! `figment::Jail`, which serializes them and restores the environment and the current
 //! directory. Tests outside a jail use absolute paths and variable names nobody sets.
 
+// `Jail::expect_with` closures must return `figment::Result<()>`, whose error is large.
+#![allow(clippy::result_large_err)]
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -308,6 +308,7 @@ async fn open_session(endpoint: &quinn::Endpoint, opts: &ClientOptions) -> Resul
         agent: opts.agent.clone(),
         token: opts.token.clone(),
         client: opts.client.clone(),
+        window: opts.window,
     };
     write_frame(&mut send, &hello).await?;
     let mut reader = FrameReader::new(recv, opts.max_frame);
@@ -320,7 +321,6 @@ async fn open_session(endpoint: &quinn::Endpoint, opts: &ClientOptions) -> Resul
             None => return Err(ClientError::Connection("proxy closed the session before Welcome".into())),
         },
     };
-    write_frame(&mut send, &ToProxy::Credit { window: opts.window }).await?;
     Ok(Session { connection, send, reader, welcome })
 }
 
@@ -383,6 +383,14 @@ async fn drive(
             return;
         }
         if let Err(e) = &outcome {
+            if superseded(&session.connection) {
+                // Another process took over this agent: reconnecting would take it back.
+                let message = "a newer session of this agent took over".to_string();
+                let _ = incoming
+                    .send(Incoming::Fatal(ClientError::Rejected { code: RejectCode::Superseded, message }))
+                    .await;
+                return;
+            }
             tracing::warn!(error = %e, "session lost; reconnecting");
         }
         let _ = connection.send(None);
@@ -424,4 +432,9 @@ async fn drive(
         let _ = connection.send(Some(session.connection.clone()));
         let _ = welcome.send(session.welcome.clone());
     }
+}
+
+/// The proxy closes a connection with application code 2 when a newer session replaced it.
+fn superseded(connection: &quinn::Connection) -> bool {
+    matches!(connection.close_reason(), Some(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == quinn::VarInt::from_u32(2))
 }

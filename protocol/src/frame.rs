@@ -28,8 +28,10 @@ pub enum ToProxy {
         token: String,
         /// Free-form client description for logs and the dashboard.
         client: String,
+        /// Initial credit: unacked events the proxy may send before any `Credit` frame.
+        window: u32,
     },
-    /// Grants the proxy a window of this many unacknowledged events in flight.
+    /// Changes the window of unacknowledged events the proxy may have in flight.
     Credit {
         /// Maximum number of delivered-but-unacked events.
         window: u32,
@@ -232,7 +234,7 @@ mod tests {
     use super::*;
 
     fn hello() -> ToProxy {
-        ToProxy::Hello { version: 1, agent: "a".into(), token: "t".into(), client: "test".into() }
+        ToProxy::Hello { version: 1, agent: "a".into(), token: "t".into(), client: "test".into(), window: 8 }
     }
 
     #[test]

@@ -21,6 +21,9 @@ use crate::fleet::{AgentRuntime, Fleet};
 use crate::outbound::Outbound;
 use crate::{admin, certs, session, wake};
 
+/// Webhook requests handled at once; more wait in the accept queue (backpressure).
+const MAX_CONCURRENT_INGRESS: usize = 1024;
+
 /// Everything the listeners share.
 pub struct App {
     /// The validated configuration.
@@ -159,7 +162,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             reply,
         });
     }
-    let http = reqwest::Client::builder().build().context("building the HTTP client")?;
+    // No redirects: a signed reply must never be re-sent to a host the route did not name.
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .context("building the HTTP client")?;
     let app = Arc::new(App {
         outbound: Outbound::new(store.clone(), replies, http),
         max_frame: config.server.max_frame as usize,
@@ -190,7 +197,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tasks.push(wake::spawn(runtime, rx, driver, connect.clone()));
     }
 
-    let ingress = webhook::router(routes, app.clone() as Arc<dyn EventSink>);
+    // Worst-case ingress memory is concurrent requests x max_body: bound the former too.
+    let ingress = webhook::router(routes, app.clone() as Arc<dyn EventSink>)
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(MAX_CONCURRENT_INGRESS));
     let http_listener = tokio::net::TcpListener::bind(app.config.server.http_listen)
         .await
         .with_context(|| format!("binding webhook ingress on {}", app.config.server.http_listen))?;

@@ -47,8 +47,8 @@ async fn connection(app: Arc<App>, conn: quinn::Connection) {
         Err(_) => return conn.close(3u32.into(), b"no session stream"),
     };
     let mut reader = FrameReader::new(recv, app.max_frame);
-    let agent = match tokio::time::timeout(HELLO_TIMEOUT, hello(&app, &mut reader)).await {
-        Ok(Ok(agent)) => agent,
+    let (agent, window) = match tokio::time::timeout(HELLO_TIMEOUT, hello(&app, &mut reader)).await {
+        Ok(Ok(accepted)) => accepted,
         Ok(Err((code, message))) => {
             tracing::info!(%remote, ?code, %message, "session rejected");
             let _ = write_frame(&mut send, &ToAgent::Reject { code, message }).await;
@@ -67,7 +67,7 @@ async fn connection(app: Arc<App>, conn: quinn::Connection) {
     agent.attach(SessionControl { id, drain: drain_tx, connection: conn.clone() });
     tracing::info!(agent = agent.id(), session = id, %remote, "agent connected");
     let sends = tokio::spawn(serve_sends(app.clone(), agent.clone(), conn.clone()));
-    let result = deliver(&app, &agent, id, &mut send, &mut reader, drain_rx).await;
+    let result = deliver(&app, &agent, id, window, &mut send, &mut reader, drain_rx).await;
     match &result {
         Ok(()) => tracing::info!(agent = agent.id(), session = id, "session ended"),
         Err(e) => tracing::info!(agent = agent.id(), session = id, error = %e, "session ended"),
@@ -82,10 +82,10 @@ async fn connection(app: Arc<App>, conn: quinn::Connection) {
 }
 
 /// Reads and checks `Hello`; the error is what `Reject` says.
-async fn hello(app: &App, reader: &mut FrameReader) -> Result<Arc<AgentRuntime>, (RejectCode, String)> {
+async fn hello(app: &App, reader: &mut FrameReader) -> Result<(Arc<AgentRuntime>, u32), (RejectCode, String)> {
     let frame =
         reader.next::<ToProxy>().await.map_err(|e| (RejectCode::BadHello, format!("could not read Hello: {e}")))?;
-    let Some(ToProxy::Hello { version, agent, token, client }) = frame else {
+    let Some(ToProxy::Hello { version, agent, token, client, window }) = frame else {
         return Err((RejectCode::BadHello, "the first frame on the session stream must be Hello".into()));
     };
     if !SUPPORTED_VERSIONS.contains(&version) {
@@ -100,8 +100,8 @@ async fn hello(app: &App, reader: &mut FrameReader) -> Result<Arc<AgentRuntime>,
     // Unknown agent and wrong token get the same answer: no probing for agent ids.
     match app.fleet.get(&agent) {
         Some(a) if a.config.token_matches(&token) => {
-            tracing::debug!(%agent, %client, "hello accepted");
-            Ok(a.clone())
+            tracing::debug!(%agent, %client, window, "hello accepted");
+            Ok((a.clone(), window))
         }
         _ => Err((RejectCode::Unauthorized, "unknown agent or wrong token".into())),
     }
@@ -131,6 +131,7 @@ async fn deliver(
     app: &App,
     agent: &AgentRuntime,
     session: u64,
+    window: u32,
     send: &mut quinn::SendStream,
     reader: &mut FrameReader,
     mut drain: watch::Receiver<bool>,
@@ -138,7 +139,9 @@ async fn deliver(
     let position = app.store.position(agent.id()).await?;
     let mut acked = position.cursor;
     let mut sent = position.cursor;
-    let mut window = u64::from(agent.config.window.max(1));
+    // The agent's initial credit, capped by the configured window (a bound on proxy memory).
+    let cap = u64::from(agent.config.window.max(1));
+    let mut window = u64::from(window).clamp(1, cap);
     let welcome = ToAgent::Welcome {
         session: format!("{session:x}"),
         epoch: position.epoch,
@@ -164,7 +167,7 @@ async fn deliver(
         }
         tokio::select! {
             frame = reader.next::<ToProxy>() => match frame? {
-                Some(ToProxy::Credit { window: w }) => window = u64::from(w.max(1)),
+                Some(ToProxy::Credit { window: w }) => window = u64::from(w).clamp(1, cap),
                 Some(ToProxy::Ack { up_to }) => {
                     if up_to > sent {
                         return Err(SessionError::Protocol(format!("Ack up to {up_to} but only {sent} was delivered")));

@@ -596,7 +596,8 @@ mod tests {
             conn.execute("INSERT INTO agents (agent, epoch, head, cursor) VALUES ('ghost', 1, 7, 0)", [])?;
             Err::<(), _>(StoreError::Corrupt("boom".into()))
         });
-        let good = store.append(&event("a"));
+        let a = event("a");
+        let good = store.append(&a);
         let (bad, good) = tokio::join!(bad, good);
         assert!(matches!(bad, Err(StoreError::Corrupt(_))), "{bad:?}");
         assert_eq!(good.unwrap(), Appended::Stored(1));
