@@ -1,6 +1,6 @@
 /// The quickstart configuration, fully commented: an embedded store, the `echo` agent woken by
 /// running `concierge agent echo`, and a `demo` webhook route whose replies are POSTed to a
-/// local listener. Its token comes from the `CONCIERGE_ECHO_TOKEN` environment variable.
+/// local listener (`concierge inbox`).
 pub const EXAMPLE: &str = r#"# Concierge configuration — quickstart.
 #
 # Every setting can be overridden from the environment: CONCIERGE_<SECTION>__<KEY>, with `__`
@@ -56,9 +56,11 @@ send_ttl = "1d"
 # One table per agent; the id is what the agent sends in Hello.
 [agents.echo]
 # The agent's token: token / token_env / token_file / token_sha256 (hex), exactly one.
-token_env = "CONCIERGE_ECHO_TOKEN"
-# Delivery window used when the agent grants no credit itself.
-window = 256
+# Inline only because this is a loopback demo: in production use token_sha256 here and give
+# the agent its token through its own secret store.
+token = "quickstart-echo-token"
+# Most unacknowledged events in flight to this agent (caps the credit it asks for).
+window = 1024
 # Buffer cap for this agent, in events.
 max_pending = 100000
 
@@ -67,7 +69,10 @@ max_pending = 100000
 driver = "exec"
 # The echo agent ships inside the concierge binary, so a wake takes milliseconds.
 command = ["concierge", "agent", "echo"]
-# env = { RUST_LOG = "info" }
+# Extra environment for the command. The proxy's own CONCIERGE_* variables are not inherited;
+# the driver adds CONCIERGE_AGENT, CONCIERGE_CONNECT, CONCIERGE_SERVER_NAME and
+# CONCIERGE_CERT_SHA256, and the SDK reads the token from CONCIERGE_TOKEN.
+env = { CONCIERGE_TOKEN = "quickstart-echo-token" }
 # How long a wake waits for the command to exit before treating it as a running daemon.
 settle = "2s"
 # "immediate" | "never" | "coalesce(30s)"

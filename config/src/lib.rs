@@ -143,7 +143,7 @@ pub struct AgentConfig {
     pub id: String,
     /// SHA-256 of the agent's token: the plain token need not stay in memory.
     pub token_sha256: [u8; 32],
-    /// Delivery credit used when the agent grants none.
+    /// Most unacknowledged events in flight to this agent; caps the credit the agent asks for.
     pub window: u32,
     /// Buffer cap per agent, in events (promise 5: bounded everything).
     pub max_pending: u64,

@@ -650,7 +650,7 @@ impl Ctx<'_> {
 
     fn agent(&mut self, path: &str, id: &str, raw: RawAgent) -> Option<AgentConfig> {
         let token_sha256 = self.agent_token(path, &raw);
-        let window = self.uint(&format!("{path}.window"), raw.window.as_ref(), 256, 1, u64::from(u32::MAX));
+        let window = self.uint(&format!("{path}.window"), raw.window.as_ref(), 1024, 1, 65536);
         let max_pending = self.uint(&format!("{path}.max_pending"), raw.max_pending.as_ref(), 100_000, 1, u64::MAX);
         let wake_path = format!("{path}.wake");
         let raw_wake: RawWake = self.section(&wake_path, raw.wake.as_ref()).unwrap_or_default();
@@ -658,7 +658,7 @@ impl Ctx<'_> {
         Some(AgentConfig {
             id: id.to_string(),
             token_sha256: token_sha256.unwrap_or([0; 32]),
-            window: u32::try_from(window).unwrap_or(256),
+            window: u32::try_from(window).unwrap_or(1024),
             max_pending,
             wake,
         })
@@ -1009,7 +1009,8 @@ fn valid_host_port(s: &str) -> bool {
     };
     let host_ok =
         !host.is_empty() && !host.chars().any(|c| c.is_whitespace() || c.is_control() || c == '/' || c == '@');
-    host_ok && matches!(port.parse::<u16>(), Ok(p) if p > 0)
+    // Port 0 is allowed: it mirrors a `quic_listen` port 0 (the port actually bound).
+    host_ok && port.parse::<u16>().is_ok()
 }
 
 fn is_header_char(c: char) -> bool {
@@ -1185,7 +1186,7 @@ mod tests {
         assert!(valid_host_port("[::1]:4433"));
         assert!(!valid_host_port("agents.example.com"));
         assert!(!valid_host_port(":4433"));
-        assert!(!valid_host_port("host:0"));
+        assert!(valid_host_port("host:0"));
         assert!(!valid_host_port("host:99999"));
     }
 }

@@ -1,3 +1,4 @@
 //! Platform fakes and load scenarios.
 
 pub mod fly;
+pub mod scenario;

@@ -145,10 +145,13 @@ enum Command {
     Close,
 }
 
+// Events are the hot path and by far the most common variant; boxing them would cost an
+// allocation each for no gain.
+#[allow(clippy::large_enum_variant)]
 enum Incoming {
     Event(Event),
     Drain(String),
-    Fatal(ClientError),
+    Fatal(Box<ClientError>),
 }
 
 /// A connected agent. Dropping it closes the connection.
@@ -206,7 +209,7 @@ impl AgentClient {
                 tracing::info!(%reason, "proxy asked this agent to drain");
                 Ok(None)
             }
-            Some(Incoming::Fatal(e)) => Err(e),
+            Some(Incoming::Fatal(e)) => Err(*e),
             None => Ok(None),
         }
     }
@@ -387,7 +390,7 @@ async fn drive(
                 // Another process took over this agent: reconnecting would take it back.
                 let message = "a newer session of this agent took over".to_string();
                 let _ = incoming
-                    .send(Incoming::Fatal(ClientError::Rejected { code: RejectCode::Superseded, message }))
+                    .send(Incoming::Fatal(Box::new(ClientError::Rejected { code: RejectCode::Superseded, message })))
                     .await;
                 return;
             }
@@ -402,11 +405,11 @@ async fn drive(
             match open_session(&endpoint, &opts).await {
                 Ok(s) => break s,
                 Err(e @ ClientError::Rejected { .. }) | Err(e @ ClientError::Config(_)) => {
-                    let _ = incoming.send(Incoming::Fatal(e)).await;
+                    let _ = incoming.send(Incoming::Fatal(Box::new(e))).await;
                     return;
                 }
                 Err(e) if attempt >= opts.reconnect_attempts => {
-                    let _ = incoming.send(Incoming::Fatal(e)).await;
+                    let _ = incoming.send(Incoming::Fatal(Box::new(e))).await;
                     return;
                 }
                 Err(e) => {

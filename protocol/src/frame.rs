@@ -206,7 +206,7 @@ impl Decoder {
     }
 
     /// The next complete frame, if one is buffered.
-    pub fn next<T: serde::de::DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+    pub fn next_frame<T: serde::de::DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
         let Some(len) = self.pending_len()? else { return Ok(None) };
         if self.buf.len() < 4 + len {
             return Ok(None);
@@ -248,7 +248,7 @@ mod tests {
         let mut got = Vec::new();
         for b in bytes {
             d.push(&[b]);
-            while let Some(f) = d.next::<ToProxy>().unwrap() {
+            while let Some(f) = d.next_frame::<ToProxy>().unwrap() {
                 got.push(f);
             }
         }
@@ -260,18 +260,18 @@ mod tests {
     fn oversized_frame_is_refused_from_its_prefix() {
         let mut d = Decoder::new(16);
         d.push(&1000u32.to_be_bytes());
-        assert_eq!(d.next::<ToProxy>(), Err(FrameError::TooLarge { len: 1000, max: 16 }));
+        assert_eq!(d.next_frame::<ToProxy>(), Err(FrameError::TooLarge { len: 1000, max: 16 }));
     }
 
     #[test]
     fn malformed_and_truncated_frames_are_named() {
         let mut d = Decoder::new(1024);
         d.push(&[0, 0, 0, 2, 0xff, 0xff]);
-        assert!(matches!(d.next::<ToProxy>(), Err(FrameError::Malformed(_))));
+        assert!(matches!(d.next_frame::<ToProxy>(), Err(FrameError::Malformed(_))));
         let mut d = Decoder::new(1024);
         let f = encode(&hello());
         d.push(&f[..f.len() - 1]);
-        assert_eq!(d.next::<ToProxy>(), Ok(None));
+        assert_eq!(d.next_frame::<ToProxy>(), Ok(None));
         let err = d.finish().unwrap_err();
         assert!(err.to_string().contains("stream ended inside a frame"), "{err}");
     }

@@ -37,7 +37,7 @@ impl FrameReader {
     /// The next frame; `Ok(None)` when the peer finished the stream cleanly between frames.
     pub async fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, IoError> {
         loop {
-            if let Some(frame) = self.decoder.next()? {
+            if let Some(frame) = self.decoder.next_frame()? {
                 return Ok(Some(frame));
             }
             // Checks the length prefix as soon as it arrives, before buffering the body.

@@ -35,12 +35,18 @@ pub enum Backend {
 
 /// Writes a config file: `body` is appended after a `[server]` and `[store]` preamble.
 pub fn write_config(dir: &Path, backend: &Backend, ports: [u16; 3], body: &str) -> PathBuf {
+    write_config_with(dir, backend, ports, "", body)
+}
+
+/// Like [`write_config`], with `server_extra` lines added to the `[server]` table
+/// (e.g. `max_frame = 65536` or `admin_token = "..."`).
+pub fn write_config_with(dir: &Path, backend: &Backend, ports: [u16; 3], server_extra: &str, body: &str) -> PathBuf {
     let store = match backend {
         Backend::Embedded => format!("backend = \"embedded\"\npath = \"{}\"", dir.join("store.db").display()),
         Backend::Redis(url) => format!("backend = \"redis\"\nurl = \"{url}\""),
     };
     let text = format!(
-        "[server]\nquic_listen = \"127.0.0.1:{}\"\nhttp_listen = \"127.0.0.1:{}\"\nadmin_listen = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\nshutdown_grace = \"2s\"\n\n[store]\n{store}\n\n{body}",
+        "[server]\nquic_listen = \"127.0.0.1:{}\"\nhttp_listen = \"127.0.0.1:{}\"\nadmin_listen = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\nshutdown_grace = \"2s\"\n{server_extra}\n\n[store]\n{store}\n\n{body}",
         ports[0],
         ports[1],
         ports[2],
@@ -292,4 +298,137 @@ pub fn echo_wake(extra: &str) -> String {
         "driver = \"exec\"\ncommand = [\"{}\", \"agent\", \"echo\"]\nenv = {{ CONCIERGE_TOKEN = \"{TOKEN}\" }}\nsettle = \"200ms\"\nconnect_timeout = \"10s\"\n{extra}",
         env!("CARGO_BIN_EXE_concierge")
     )
+}
+
+/// An agent the test connects itself: no wake driver, never woken.
+pub fn self_connecting_agent(id: &str) -> String {
+    agent_section(id, "driver = \"none\"\npolicy = \"never\"")
+}
+
+/// A `[webhooks.<name>]` route of `agent`; `extra` adds lines (verify, reply_url, max_body...).
+/// Without a `verify` line in `extra`, the route is unverified.
+pub fn webhook_route(name: &str, agent: &str, extra: &str) -> String {
+    let verify = if extra.contains("verify") { "" } else { "verify = \"none\"\n" };
+    format!("[webhooks.{name}]\nagent = \"{agent}\"\n{verify}{extra}\n")
+}
+
+/// The three fixed ports of a proxy that must come back on the same addresses after a restart.
+pub fn fixed_ports() -> [u16; 3] {
+    let mut ports = [0u16; 3];
+    for i in 0..3 {
+        loop {
+            let p = free_port();
+            if !ports[..i].contains(&p) {
+                ports[i] = p;
+                break;
+            }
+        }
+    }
+    ports
+}
+
+/// A webhook response: status, headers and JSON body (Null when not JSON).
+#[derive(Debug)]
+pub struct HookResponse {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub json: Value,
+}
+
+/// A reusable HTTP client whose every request is bounded in time.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(30)).connect_timeout(Duration::from_secs(5)).build().unwrap()
+}
+
+impl Proxy {
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// POSTs `body` with extra headers through `client`; bounded by the client's timeout.
+    pub async fn post_with(
+        &self,
+        client: &reqwest::Client,
+        agent: &str,
+        route: &str,
+        body: impl Into<reqwest::Body>,
+        headers: &[(&str, &str)],
+    ) -> HookResponse {
+        let mut req = client
+            .post(format!("http://{}/hooks/{agent}/{route}", self.http))
+            .header("content-type", "application/json")
+            .body(body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let r = req.send().await.unwrap_or_else(|e| panic!("POST /hooks/{agent}/{route} failed: {e}"));
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        let json = r.json().await.unwrap_or(Value::Null);
+        HookResponse { status, headers, json }
+    }
+
+    /// The admin API's stored events of an agent (no admin token).
+    pub async fn events(&self, agent: &str) -> Vec<Value> {
+        let r = http_client()
+            .get(format!("http://{}/api/agents/{agent}/events?limit=1000", self.admin))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "admin events of {agent}");
+        let v: Value = r.json().await.unwrap();
+        v["events"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// GET on the admin listener; returns the status.
+    pub async fn admin_status(&self, path: &str, bearer: Option<&str>) -> u16 {
+        let mut req = http_client().get(format!("http://{}{path}", self.admin));
+        if let Some(t) = bearer {
+            req = req.bearer_auth(t);
+        }
+        req.send().await.unwrap().status().as_u16()
+    }
+
+    /// Waits until the admin API reports `agent`'s cursor at `offset` (bounded).
+    pub async fn wait_cursor(&self, agent: &str, offset: u64, within: Duration) {
+        let ok = eventually(within, || async { (self.agent(agent).await["cursor"] == offset).then_some(()) }).await;
+        assert!(ok.is_some(), "cursor of {agent} never reached {offset}; log:\n{}", self.log());
+    }
+}
+
+/// Receives exactly `n` events within `within` (acking each one), failing on a session end.
+pub async fn receive_n(client: &mut AgentClient, n: usize, within: Duration) -> Vec<concierge_protocol::Event> {
+    receive(client, n, within, true).await
+}
+
+/// Like [`receive_n`] without acking anything.
+pub async fn receive_n_unacked(client: &mut AgentClient, n: usize, within: Duration) -> Vec<concierge_protocol::Event> {
+    receive(client, n, within, false).await
+}
+
+async fn receive(client: &mut AgentClient, n: usize, within: Duration, ack: bool) -> Vec<concierge_protocol::Event> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        match tokio::time::timeout_at(deadline, client.next()).await {
+            Err(_) => panic!("only {} of {n} events arrived within {within:?}", got.len()),
+            Ok(Err(e)) => panic!("session failed after {} of {n} events: {e}", got.len()),
+            Ok(Ok(None)) => panic!("session ended after {} of {n} events", got.len()),
+            Ok(Ok(Some(e))) => {
+                if ack {
+                    client.ack(e.offset);
+                }
+                got.push(e);
+            }
+        }
+    }
+    got
+}
+
+/// Asserts that no further event arrives for `quiet`.
+pub async fn expect_no_more(client: &mut AgentClient, quiet: Duration) {
+    if let Ok(Ok(Some(e))) = tokio::time::timeout(quiet, client.next()).await {
+        panic!("unexpected extra event at offset {}: {:?}", e.offset, String::from_utf8_lossy(&e.data.raw));
+    }
 }

@@ -1,0 +1,193 @@
+//! `concierge-loadtest`: the benchmark scenarios of the core issue, each against its own
+//! `concierge serve` process on loopback. Prints a table; with `--json`, one JSON object as
+//! the last line of stdout.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use concierge_loadtest::scenario::{self, Context, Report, StoreChoice};
+
+/// Benchmarks Concierge: replay throughput, warm-path latency, wake overhead, ingest rate.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The `concierge` binary to start (default: next to this binary).
+    #[arg(long, global = true)]
+    concierge: Option<PathBuf>,
+    /// Store backend of the proxy under test.
+    #[arg(long, global = true, value_enum, default_value_t = Store::Redis)]
+    store: Store,
+    /// Redis URL for `--store redis` (agent ids are unique per run; their keys are deleted after).
+    #[arg(long, global = true, default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
+    /// Shrink every scenario to a smoke size (CI).
+    #[arg(long, global = true)]
+    quick: bool,
+    /// Print one JSON object as the last line of stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Store {
+    Redis,
+    Embedded,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Buffer N events for a sleeping agent, then time one agent draining them.
+    Replay {
+        /// Events to buffer (default 100000; 2000 with --quick).
+        #[arg(long)]
+        events: Option<u64>,
+        /// Credit window the agent grants.
+        #[arg(long, default_value_t = 4096)]
+        window: u32,
+        /// Cumulative ack every this many events.
+        #[arg(long, default_value_t = 256)]
+        ack_every: u64,
+        /// Concurrent connections filling the buffer.
+        #[arg(long, default_value_t = 64)]
+        fill_concurrency: usize,
+        /// Webhook body size in bytes.
+        #[arg(long, default_value_t = 1024)]
+        body_bytes: usize,
+    },
+    /// Open-loop webhooks at a fixed rate to a connected agent; webhook -> agent latency.
+    Latency {
+        /// Webhooks per second.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        /// Measured duration, e.g. 10s (default 10s; 2s with --quick).
+        #[arg(long, value_parser = humantime_duration)]
+        duration: Option<Duration>,
+        /// Most requests in flight.
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        /// The agent acks after every this many events.
+        #[arg(long, default_value_t = 1)]
+        ack_every: u64,
+        /// Webhook body size in bytes.
+        #[arg(long, default_value_t = 1024)]
+        body_bytes: usize,
+    },
+    /// Wake overhead: exec driver starting the built-in echo agent, repeatedly.
+    Wake {
+        /// Wake rounds (default 30; 5 with --quick).
+        #[arg(long)]
+        wakes: Option<u32>,
+        /// The agent's sleep_after.
+        #[arg(long, value_parser = humantime_duration, default_value = "200ms")]
+        sleep_after: Duration,
+    },
+    /// Signed webhooks at fixed concurrency: durable-ack rate and latency.
+    Ingest {
+        /// Concurrent requests, one keep-alive connection each.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Measured duration, e.g. 10s (default 10s; 2s with --quick).
+        #[arg(long, value_parser = humantime_duration)]
+        duration: Option<Duration>,
+        /// Agents the workers spread over.
+        #[arg(long, default_value_t = 1)]
+        agents: usize,
+        /// Webhook body size in bytes.
+        #[arg(long, default_value_t = 1024)]
+        body_bytes: usize,
+    },
+}
+
+fn humantime_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len()));
+    let n: f64 = number.parse().map_err(|_| format!("invalid duration {s:?}: expected e.g. 10s, 500ms"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("invalid duration unit in {s:?}: use ms, s or m")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn default_concierge() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("concierge")))
+        .unwrap_or_else(|| PathBuf::from("concierge"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let ctx = Context {
+        concierge: cli.concierge.clone().unwrap_or_else(default_concierge),
+        store: match cli.store {
+            Store::Redis => StoreChoice::Redis(cli.redis_url.clone()),
+            Store::Embedded => StoreChoice::Embedded,
+        },
+        quick: cli.quick,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(&ctx, cli.scenario)) {
+        Ok(report) => {
+            print!("{}", report.to_table());
+            if cli.json {
+                println!("{}", report.to_json());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(ctx: &Context, s: Scenario) -> anyhow::Result<Report> {
+    let q = ctx.quick;
+    match s {
+        Scenario::Replay { events, window, ack_every, fill_concurrency, body_bytes } => {
+            let mut p = scenario::replay::Params::defaults(q);
+            p.events = events.unwrap_or(p.events);
+            p.window = window;
+            p.ack_every = ack_every.max(1);
+            p.fill_concurrency = fill_concurrency.max(1);
+            p.body_bytes = body_bytes;
+            scenario::replay::run(ctx, &p).await
+        }
+        Scenario::Latency { rate, duration, connections, ack_every, body_bytes } => {
+            let mut p = scenario::latency::Params::defaults(q);
+            p.rate = rate.max(1);
+            p.duration = duration.unwrap_or(p.duration);
+            p.connections = connections.max(1);
+            p.ack_every = ack_every.max(1);
+            p.body_bytes = body_bytes;
+            scenario::latency::run(ctx, &p).await
+        }
+        Scenario::Wake { wakes, sleep_after } => {
+            let mut p = scenario::wake::Params::defaults(q);
+            p.wakes = wakes.unwrap_or(p.wakes).max(1);
+            p.sleep_after = sleep_after;
+            scenario::wake::run(ctx, &p).await
+        }
+        Scenario::Ingest { concurrency, duration, agents, body_bytes } => {
+            let mut p = scenario::ingest::Params::defaults(q);
+            p.concurrency = concurrency.max(1);
+            p.duration = duration.unwrap_or(p.duration);
+            p.agents = agents.max(1);
+            p.body_bytes = body_bytes;
+            scenario::ingest::run(ctx, &p).await
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! The proxy under test: a `concierge serve` child process with a generated configuration in a
+//! temporary directory, bound to loopback ports chosen by the kernel, plus helpers for the
+//! surfaces scenarios use (admin API) and the clean-up of the run's Redis keys.
+
+use std::collections::VecDeque;
+use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use concierge_protocol::client::ClientOptions;
+use concierge_protocol::tls::Trust;
+use serde_json::Value;
+
+use super::StoreChoice;
+
+/// Lines of the proxy's log kept for error messages.
+const LOG_TAIL: usize = 200;
+/// How long the proxy may take to print its ready line.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running `concierge serve`.
+pub struct Proxy {
+    child: Child,
+    /// QUIC listener agents dial.
+    pub quic: SocketAddr,
+    /// Webhook ingress.
+    pub http: SocketAddr,
+    /// Admin API.
+    pub admin: SocketAddr,
+    /// Certificate pin agents use.
+    pub cert_sha256: String,
+    log: Arc<Mutex<VecDeque<String>>>,
+    store: StoreChoice,
+    agents: Vec<String>,
+    admin_client: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+/// Writes the configuration: loopback listeners on free ports, the chosen store, then `body`
+/// (agents and webhook routes).
+fn config_text(dir: &Path, store: &StoreChoice, body: &str) -> String {
+    let store = match store {
+        StoreChoice::Embedded => {
+            format!("backend = \"embedded\"\npath = {}", toml_str(&dir.join("store.db").display().to_string()))
+        }
+        StoreChoice::Redis(url) => format!("backend = \"redis\"\nurl = {}", toml_str(url)),
+    };
+    format!(
+        "[server]\nquic_listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         data_dir = {}\nshutdown_grace = \"2s\"\nmax_body = \"1MiB\"\n\n\
+         [store]\n{store}\n# Short, so the run's dedupe keys do not pile up in a shared Redis.\ndedupe_ttl = \"1h\"\n\n{body}",
+        toml_str(&dir.join("data").display().to_string()),
+    )
+}
+
+/// A TOML basic string.
+pub fn toml_str(s: &str) -> String {
+    serde_json::Value::from(s).to_string()
+}
+
+impl Proxy {
+    /// Starts `concierge serve` with `body` appended to the generated configuration; `agents`
+    /// are the agent ids whose Redis keys are deleted when the proxy is dropped.
+    pub fn start(concierge: &Path, store: &StoreChoice, body: &str, agents: Vec<String>) -> anyhow::Result<Proxy> {
+        if !concierge.is_file() {
+            anyhow::bail!(
+                "the concierge binary {} does not exist; build it (cargo build --release -p concierge-proxy) or pass --concierge PATH",
+                concierge.display()
+            );
+        }
+        let dir = tempfile::Builder::new().prefix("concierge-loadtest-").tempdir().context("creating a temp dir")?;
+        let config = dir.path().join("concierge.toml");
+        std::fs::write(&config, config_text(dir.path(), store, body)).context("writing the configuration")?;
+        let mut cmd = Command::new(concierge);
+        cmd.args(["serve", "--config"]).arg(&config).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        // Logging on the hot path would be measured too; warnings are enough.
+        let log_filter = std::env::var("CONCIERGE_LOADTEST_PROXY_LOG").unwrap_or_else(|_| "warn,quinn=error".into());
+        cmd.env("RUST_LOG", log_filter);
+        let mut child = cmd.spawn().with_context(|| format!("starting {}", concierge.display()))?;
+        let log: Arc<Mutex<VecDeque<String>>> = Arc::default();
+        let stderr = child.stderr.take().context("proxy stderr")?;
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut l = sink.lock().unwrap_or_else(|e| e.into_inner());
+                if l.len() == LOG_TAIL {
+                    l.pop_front();
+                }
+                l.push_back(line);
+            }
+        });
+        let stdout = child.stdout.take().context("proxy stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line)
+                    && v["ready"] == true
+                {
+                    let _ = tx.send(v);
+                }
+            }
+        });
+        let mut proxy = Proxy {
+            child,
+            quic: "0.0.0.0:0".parse()?,
+            http: "0.0.0.0:0".parse()?,
+            admin: "0.0.0.0:0".parse()?,
+            cert_sha256: String::new(),
+            log,
+            store: store.clone(),
+            agents,
+            admin_client: reqwest::Client::new(),
+            _dir: dir,
+        };
+        let ready = match rx.recv_timeout(READY_TIMEOUT) {
+            Ok(v) => v,
+            Err(_) => {
+                // Give stderr a moment to arrive so the error explains itself.
+                std::thread::sleep(Duration::from_millis(200));
+                anyhow::bail!("concierge did not print its ready line; its log:\n{}", proxy.log());
+            }
+        };
+        let addr = |k: &str| -> anyhow::Result<SocketAddr> {
+            ready[k].as_str().and_then(|s| s.parse().ok()).with_context(|| format!("ready line lacks {k}: {ready}"))
+        };
+        proxy.quic = addr("quic")?;
+        proxy.http = addr("http")?;
+        proxy.admin = addr("admin")?;
+        proxy.cert_sha256 = ready["cert_sha256"].as_str().context("ready line lacks cert_sha256")?.to_string();
+        Ok(proxy)
+    }
+
+    /// The last lines the proxy logged.
+    pub fn log(&self) -> String {
+        let l = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        l.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+
+    /// Errors if the proxy exited.
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            anyhow::bail!("concierge exited ({status}); its log:\n{}", self.log());
+        }
+        Ok(())
+    }
+
+    /// SDK options for `agent` with `token`, pinned to this proxy's certificate.
+    pub fn client_options(&self, agent: &str, token: &str, window: u32) -> ClientOptions {
+        let mut o = ClientOptions::new(self.quic.to_string(), agent, token, Trust::Pinned(self.cert_sha256.clone()));
+        o.window = window;
+        o.reconnect_attempts = 3;
+        o.client = "concierge-loadtest".into();
+        o
+    }
+
+    /// `GET /api/agents` -> the entry of `id`.
+    pub async fn agent(&self, id: &str) -> anyhow::Result<Value> {
+        let url = format!("http://{}/api/agents", self.admin);
+        let all: Value = self.admin_client.get(&url).send().await?.error_for_status()?.json().await?;
+        all["agents"]
+            .as_array()
+            .and_then(|a| a.iter().find(|a| a["id"] == id))
+            .cloned()
+            .with_context(|| format!("agent {id} not listed by the admin API"))
+    }
+
+    /// Polls the admin API until `pred` holds for agent `id` (every `every`, at most `within`).
+    pub async fn wait_agent(
+        &self,
+        id: &str,
+        within: Duration,
+        every: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + within;
+        loop {
+            let a = self.agent(id).await?;
+            if pred(&a) {
+                return Ok(a);
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("agent {id}: {what} not reached within {within:?}; last seen {a}");
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
+    /// Stops the proxy (SIGTERM, then SIGKILL) and deletes the run's Redis keys.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.terminate();
+        if let StoreChoice::Redis(url) = &self.store {
+            for agent in std::mem::take(&mut self.agents) {
+                delete_agent_keys(url, &agent).await.with_context(|| format!("deleting the Redis keys of {agent}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn terminate(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        // SAFETY: plain kill(2) on the pid of a child we spawned and have not reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+/// Deletes every key of `agent` (the store hash-tags them `c:{agent}:...`).
+pub async fn delete_agent_keys(url: &str, agent: &str) -> anyhow::Result<u64> {
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let pattern = format!("c:{{{agent}}}:*");
+    let mut cursor: u64 = 0;
+    let mut deleted = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(5000)
+            .query_async(&mut conn)
+            .await?;
+        if !keys.is_empty() {
+            let n: u64 = redis::cmd("UNLINK").arg(&keys).query_async(&mut conn).await?;
+            deleted += n;
+        }
+        if next == 0 {
+            return Ok(deleted);
+        }
+        cursor = next;
+    }
+}
+
+/// An agent section: token, window, buffer cap, then the `[agents.<id>.wake]` table.
+pub fn agent_section(id: &str, token: &str, window: u32, max_pending: u64, wake: &str) -> String {
+    format!(
+        "[agents.{id}]\ntoken = {}\nwindow = {window}\nmax_pending = {max_pending}\n\n[agents.{id}.wake]\n{wake}\n\n",
+        toml_str(token)
+    )
+}
+
+/// A webhook route section.
+pub fn route_section(route: &str, agent: &str, verify: &str, extra: &str) -> String {
+    format!("[webhooks.{route}]\nagent = {}\nverify = \"{verify}\"\n{extra}\n\n", toml_str(agent))
+}

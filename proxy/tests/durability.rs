@@ -1,0 +1,180 @@
+//! Promise 1 (write before ack) and promise 2 (at-least-once, in order) across crashes, store
+//! outages and graceful restarts, through real processes, real QUIC and a real Redis.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use concierge_protocol::client::{AgentClient, ClientOptions};
+
+const EVENTS: u64 = 200;
+
+fn body_of(seq: u64) -> String {
+    format!(r#"{{"seq":{seq},"text":"event {seq}"}}"#)
+}
+
+fn seq_of(e: &concierge_protocol::Event) -> u64 {
+    let v: serde_json::Value = serde_json::from_slice(&e.data.raw).expect("event raw is the posted JSON");
+    v["seq"].as_u64().expect("seq in body")
+}
+
+/// 200 webhooks answered 202, SIGKILL right after the last one, restart on the same ports and
+/// data: the agent receives exactly those 200 events, in order, once each.
+async fn acked_webhooks_survive_sigkill(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = fixed_ports();
+    let body = format!("{}{}", self_connecting_agent("a"), webhook_route("in", "a", ""));
+    let config = write_config(dir.path(), &backend, ports, &body);
+    let mut proxy = Proxy::start(&config);
+    let http = http_client();
+    for seq in 1..=EVENTS {
+        let key = format!("key-{seq}");
+        let r = proxy.post_with(&http, "a", "in", body_of(seq), &[("Idempotency-Key", &key)]).await;
+        assert_eq!(r.status, 202, "webhook {seq}: {r:?}");
+        assert_eq!(r.json["offset"], seq, "webhook {seq}: {r:?}");
+        assert_eq!(r.json["duplicate"], false, "webhook {seq}: {r:?}");
+    }
+    proxy.kill9();
+    drop(http);
+
+    let proxy = Proxy::start(&config);
+    assert_eq!(proxy.quic, format!("127.0.0.1:{}", ports[0]), "restart reuses the QUIC port");
+    let mut agent = proxy.connect("a").await;
+    let welcome = agent.welcome();
+    assert_eq!((welcome.cursor, welcome.backlog), (0, EVENTS), "{welcome:?}");
+    let events = receive_n(&mut agent, EVENTS as usize, Duration::from_secs(60)).await;
+    for (i, e) in events.iter().enumerate() {
+        let seq = i as u64 + 1;
+        assert_eq!(e.offset, seq, "offsets are 1..=200 in order");
+        assert_eq!(e.data.raw, body_of(seq).as_bytes(), "body of offset {seq}");
+        assert_eq!(e.data.dedupe_key.as_deref(), Some(format!("in:key-{seq}").as_str()));
+    }
+    expect_no_more(&mut agent, Duration::from_secs(1)).await;
+    proxy.wait_cursor("a", EVENTS, Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_after_acks_loses_nothing_embedded() {
+    acked_webhooks_survive_sigkill(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_after_acks_loses_nothing_redis() {
+    let redis = Redis::start();
+    acked_webhooks_survive_sigkill(Backend::Redis(redis.url())).await;
+}
+
+/// Redis down: webhooks get 503 + Retry-After (never a 2xx), /readyz fails, nothing hangs;
+/// Redis back: 202 again, and the agent receives exactly the 202'd events.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_outage_refuses_then_recovers() {
+    let mut redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!("{}{}", self_connecting_agent("a"), webhook_route("in", "a", ""));
+    let config = write_config(dir.path(), &Backend::Redis(redis.url()), [0, 0, 0], &body);
+    let mut proxy = Proxy::start(&config);
+    let http = http_client();
+    // (seq, offset) of every 202.
+    let mut accepted: Vec<(u64, u64)> = Vec::new();
+    let mut seq = 0;
+    let post = async |proxy: &Proxy, seq: &mut u64| {
+        *seq += 1;
+        let key = format!("key-{seq}");
+        let started = Instant::now();
+        let r = proxy.post_with(&http, "a", "in", body_of(*seq), &[("Idempotency-Key", &key)]).await;
+        (*seq, r, started.elapsed())
+    };
+
+    for _ in 0..5 {
+        let (s, r, _) = post(&proxy, &mut seq).await;
+        assert_eq!(r.status, 202, "{r:?}");
+        accepted.push((s, r.json["offset"].as_u64().unwrap()));
+    }
+    assert_eq!(proxy.admin_status("/readyz", None).await, 200);
+
+    redis.kill9();
+    for _ in 0..3 {
+        let (s, r, took) = post(&proxy, &mut seq).await;
+        assert_eq!(r.status, 503, "webhook {s} while Redis is down: {r:?}\nlog:\n{}", proxy.log());
+        assert!(r.headers.contains_key("retry-after"), "503 carries Retry-After: {r:?}");
+        assert!(r.json.get("offset").is_none(), "a refused webhook has no offset: {r:?}");
+        eprintln!("503 after {took:?}");
+        assert!(took < Duration::from_secs(15), "the store must not hold the request for {took:?}");
+    }
+    let started = Instant::now();
+    assert_eq!(proxy.admin_status("/readyz", None).await, 503, "/readyz while Redis is down");
+    assert!(started.elapsed() < Duration::from_secs(15), "/readyz took {:?}", started.elapsed());
+    assert_eq!(proxy.admin_status("/livez", None).await, 200, "the process itself is fine");
+
+    redis.restart();
+    let ready = eventually(Duration::from_secs(30), || async {
+        (proxy.admin_status("/readyz", None).await == 200).then_some(())
+    })
+    .await;
+    assert!(ready.is_some(), "/readyz never recovered after Redis came back; log:\n{}", proxy.log());
+    for _ in 0..5 {
+        let (s, r, _) = post(&proxy, &mut seq).await;
+        assert_eq!(r.status, 202, "webhook {s} after Redis is back: {r:?}");
+        accepted.push((s, r.json["offset"].as_u64().unwrap()));
+    }
+    assert!(proxy.alive());
+
+    let mut agent = proxy.connect("a").await;
+    let events = receive_n(&mut agent, accepted.len(), Duration::from_secs(30)).await;
+    let got: Vec<(u64, u64)> = events.iter().map(|e| (seq_of(e), e.offset)).collect();
+    assert_eq!(got, accepted, "exactly the 202'd events, in order, at their acked offsets");
+    expect_no_more(&mut agent, Duration::from_secs(1)).await;
+}
+
+/// SIGTERM: exit 0 within the grace, the connected agent's session ends, and after a restart
+/// the acked events stay acked while the unacked ones come again.
+#[tokio::test(flavor = "multi_thread")]
+async fn graceful_shutdown_keeps_the_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = fixed_ports();
+    let body = format!("{}{}", self_connecting_agent("a"), webhook_route("in", "a", ""));
+    let config = write_config(dir.path(), &Backend::Embedded, ports, &body);
+    let grace = Duration::from_secs(2); // write_config's shutdown_grace
+    let mut proxy = Proxy::start(&config);
+    let http = http_client();
+    for seq in 1..=10 {
+        let r = proxy.post_with(&http, "a", "in", body_of(seq), &[("Idempotency-Key", &format!("k{seq}"))]).await;
+        assert_eq!(r.status, 202, "{r:?}");
+    }
+    drop(http);
+    let mut options: ClientOptions = proxy.client_options("a", TOKEN);
+    options.reconnect_attempts = 1;
+    let mut agent = AgentClient::connect(options).await.expect("agent connects");
+    let events = receive_n_unacked(&mut agent, 10, Duration::from_secs(20)).await;
+    assert_eq!(events.iter().map(|e| e.offset).collect::<Vec<_>>(), (1..=10).collect::<Vec<_>>());
+    agent.ack(6);
+    proxy.wait_cursor("a", 6, Duration::from_secs(10)).await;
+
+    let started = Instant::now();
+    let status = proxy.terminate();
+    let took = started.elapsed();
+    assert!(status.success(), "exit status {status:?}; log:\n{}", proxy.log());
+    assert!(took < grace + Duration::from_secs(1), "shutdown took {took:?} (grace {grace:?}); log:\n{}", proxy.log());
+
+    // The session ended: next() gives up (error or end), it does not hang.
+    let t = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(25), agent.next()).await;
+    eprintln!("shutdown took {took:?}; session end seen after {:?}: {:?}", t.elapsed(), ended.as_ref().map(|r| r.as_ref().map(|o| o.is_some())));
+    match ended {
+        Err(_) => panic!("the agent's session did not end after the proxy stopped"),
+        Ok(Ok(Some(e))) => panic!("unexpected event {} after shutdown", e.offset),
+        Ok(Ok(None)) | Ok(Err(_)) => {}
+    }
+    drop(agent);
+
+    let proxy = Proxy::start(&config);
+    let mut agent = proxy.connect("a").await;
+    assert_eq!(agent.welcome().cursor, 6);
+    let events = receive_n(&mut agent, 4, Duration::from_secs(20)).await;
+    assert_eq!(events.iter().map(|e| e.offset).collect::<Vec<_>>(), vec![7, 8, 9, 10], "unacked ones only");
+    for e in &events {
+        assert_eq!(e.data.raw, body_of(e.offset).as_bytes());
+    }
+    expect_no_more(&mut agent, Duration::from_secs(1)).await;
+}
