@@ -3,7 +3,7 @@
 //! the proxy: the sink is the only way in, and it answers only after the event is durable.
 
 use async_trait::async_trait;
-use concierge_protocol::EventData;
+use concierge_protocol::{EventData, SendRequest, SendResult};
 
 pub mod signature;
 pub mod webhook;
@@ -33,4 +33,13 @@ pub enum SinkError {
 pub trait EventSink: Send + Sync + 'static {
     /// Stores one event durably (deduplicated by its dedupe key) and wakes its agent as needed.
     async fn ingest(&self, event: EventData) -> Result<Ingested, SinkError>;
+}
+
+/// Performs an agent's sends on one channel instance. Idempotency (promise 3) and binding
+/// checks (promise 4) are the caller's job; an implementation only sends and reports, with
+/// `retryable` set only when sending again cannot duplicate what the platform already has.
+#[async_trait]
+pub trait ChannelSender: Send + Sync + 'static {
+    /// Sends `request` on behalf of `agent`.
+    async fn send(&self, agent: &str, request: &SendRequest) -> SendResult;
 }

@@ -828,3 +828,23 @@ mod tests {
         assert_eq!(redact_url("https://h/p?token=1"), "https://h/p?<redacted>");
     }
 }
+
+/// Sends an agent's replies on a webhook route to the route's `reply_url`.
+pub struct ReplySender {
+    client: reqwest::Client,
+    target: ReplyTarget,
+}
+
+impl ReplySender {
+    /// Binds a reply target; the client should not follow redirects (signed bodies must not move hosts).
+    pub fn new(client: reqwest::Client, target: ReplyTarget) -> Self {
+        Self { client, target }
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::ChannelSender for ReplySender {
+    async fn send(&self, agent: &str, request: &SendRequest) -> SendResult {
+        send_reply(&self.client, agent, &self.target, request).await
+    }
+}

@@ -2,14 +2,12 @@
 //! and takes it down again in the order that keeps promise 1 (readiness first, then
 //! listeners, in-flight writes finish, sessions close with a reason).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context as _;
 use async_trait::async_trait;
-use concierge_adapters::webhook::{self, ReplyTarget, Route, Verify};
 use concierge_adapters::{EventSink, Ingested, SinkError};
 use concierge_config::{Config, StoreBackend};
 use concierge_protocol::EventData;
@@ -19,7 +17,7 @@ use tokio::sync::watch;
 
 use crate::fleet::{AgentRuntime, Fleet};
 use crate::outbound::Outbound;
-use crate::{admin, certs, session, wake};
+use crate::{admin, certs, channels, session, wake};
 
 /// Webhook requests handled at once; more wait in the accept queue (backpressure).
 const MAX_CONCURRENT_INGRESS: usize = 1024;
@@ -91,7 +89,10 @@ pub struct Running {
     pub app: Arc<App>,
     endpoint: quinn::Endpoint,
     shutdown: watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Lifecycle runners: aborted last.
+    runners: Vec<tokio::task::JoinHandle<()>>,
+    /// Listeners and channel connections: they finish in-flight work once shutdown is signalled.
+    services: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// Opens the configured store.
@@ -135,40 +136,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         inputs.push((runtime, rx));
     }
 
-    let mut routes = Vec::new();
-    let mut replies = HashMap::new();
-    for (name, hook) in &config.webhooks {
-        let verify = match &hook.verify {
-            concierge_config::Verify::None => Verify::None,
-            concierge_config::Verify::Standard { secret } => Verify::Standard {
-                secrets: secret.expose().split_whitespace().map(concierge_adapters::signature::secret_bytes).collect(),
-            },
-            concierge_config::Verify::Hmac { header, secret } => {
-                Verify::Hmac { header: header.clone(), secret: secret.expose().as_bytes().to_vec() }
-            }
-        };
-        let reply = hook.reply_url.as_ref().map(|url| ReplyTarget {
-            url: url.clone(),
-            secret: hook.reply_secret.as_ref().map(|s| concierge_adapters::signature::secret_bytes(s.expose())),
-        });
-        if let Some(r) = &reply {
-            replies.insert((hook.agent.clone(), name.clone()), r.clone());
-        }
-        routes.push(Route {
-            agent: hook.agent.clone(),
-            name: name.clone(),
-            verify,
-            max_body: hook.max_body as usize,
-            reply,
-        });
-    }
-    // No redirects: a signed reply must never be re-sent to a host the route did not name.
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .context("building the HTTP client")?;
+    let http = channels::http_client()?;
+    let bindings = channels::senders(&config, &http);
     let app = Arc::new(App {
-        outbound: Outbound::new(store.clone(), replies, http),
+        outbound: Outbound::new(store.clone(), bindings),
         max_frame: config.server.max_frame as usize,
         store,
         fleet,
@@ -179,6 +150,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     });
 
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut runners = Vec::new();
     let mut tasks = Vec::new();
 
     let public = if app.config.server.public_addr.ends_with(":0") {
@@ -194,11 +166,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     for (runtime, rx) in inputs {
         let driver = wake::driver(&runtime.config)
             .map_err(|e| anyhow::anyhow!("agent {}: wake driver: {}", runtime.id(), e.message))?;
-        tasks.push(wake::spawn(runtime, rx, driver, connect.clone()));
+        runners.push(wake::spawn(runtime, rx, driver, connect.clone()));
     }
 
+    let sink = app.clone() as Arc<dyn EventSink>;
+    tasks.extend(channels::spawn_connections(&app.config, &http, sink.clone(), shutdown_rx.clone()));
     // Worst-case ingress memory is concurrent requests x max_body: bound the former too.
-    let ingress = webhook::router(routes, app.clone() as Arc<dyn EventSink>)
+    let ingress = channels::ingress(&app.config, sink)
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(MAX_CONCURRENT_INGRESS));
     let http_listener = tokio::net::TcpListener::bind(app.config.server.http_listen)
         .await
@@ -213,7 +187,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     tasks.push(serve_http(admin_listener, admin::router(app.clone()), shutdown_rx.clone()));
 
     tasks.push(tokio::spawn(session::serve(app.clone(), endpoint.clone(), shutdown_rx)));
-    Ok(Running { quic_addr, http_addr, admin_addr, app, endpoint, shutdown, tasks })
+    Ok(Running { quic_addr, http_addr, admin_addr, app, endpoint, shutdown, runners, services: tasks })
 }
 
 fn serve_http(
@@ -237,19 +211,13 @@ impl Running {
         self.app.shutting_down.store(true, Ordering::Relaxed);
         let _ = self.shutdown.send(true);
         let grace = self.app.config.server.shutdown_grace;
-        let (listeners, runners): (Vec<_>, Vec<_>) = {
-            let n = self.app.fleet.len();
-            let mut tasks = self.tasks;
-            let listeners = tasks.split_off(n);
-            (listeners, tasks)
-        };
-        let _ = tokio::time::timeout(grace, futures::future::join_all(listeners)).await;
+        let _ = tokio::time::timeout(grace, futures::future::join_all(self.services)).await;
         for agent in self.app.fleet.values() {
             agent.close_session("proxy shutting down");
         }
         self.endpoint.close(1u32.into(), b"proxy shutting down");
         let _ = tokio::time::timeout(grace, self.endpoint.wait_idle()).await;
-        for r in runners {
+        for r in self.runners {
             r.abort();
         }
     }

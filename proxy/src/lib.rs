@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod app;
 pub mod certs;
+pub mod channels;
 pub mod fleet;
 pub mod lifecycle;
 pub mod outbound;

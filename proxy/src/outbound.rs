@@ -3,8 +3,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use concierge_adapters::webhook::{self, ReplyTarget};
-use concierge_protocol::{SendRequest, SendResult};
+use concierge_adapters::ChannelSender;
+use concierge_protocol::{ChannelRef, SendRequest, SendResult};
 use concierge_store::{SendClaim, Store};
 
 /// Longest idempotency key accepted; keys are stored, so they are bounded like everything else.
@@ -13,15 +13,17 @@ const MAX_KEY: usize = 256;
 /// Routes each agent send to the channel it names, at most once per idempotency key.
 pub struct Outbound {
     store: Arc<dyn Store>,
-    /// Webhook routes with a reply URL, by (agent, route).
-    replies: HashMap<(String, String), ReplyTarget>,
-    http: reqwest::Client,
+    /// The channels each agent may send through.
+    senders: HashMap<(String, ChannelRef), Arc<dyn ChannelSender>>,
 }
 
+/// The channels bound to agents, as `(agent, channel) -> sender`.
+pub type Bindings = HashMap<(String, ChannelRef), Arc<dyn ChannelSender>>;
+
 impl Outbound {
-    /// Binds each agent's reply targets.
-    pub fn new(store: Arc<dyn Store>, replies: HashMap<(String, String), ReplyTarget>, http: reqwest::Client) -> Self {
-        Self { store, replies, http }
+    /// Binds each agent's channels.
+    pub fn new(store: Arc<dyn Store>, senders: Bindings) -> Self {
+        Self { store, senders }
     }
 
     /// Performs one send for `agent`, or returns the recorded result of an earlier one.
@@ -31,11 +33,7 @@ impl Outbound {
         }
         // Isolation: only channels bound to this agent, and the same answer for "exists but
         // belongs to another agent" as for "does not exist".
-        let target = match request.channel.kind.as_str() {
-            "webhook" => self.replies.get(&(agent.to_string(), request.channel.name.clone())),
-            _ => None,
-        };
-        let Some(target) = target else {
+        let Some(sender) = self.senders.get(&(agent.to_string(), request.channel.clone())) else {
             return SendResult::err(
                 "channel_not_bound",
                 format!("channel {} is not bound to agent {agent} (or has no reply target)", request.channel),
@@ -54,7 +52,7 @@ impl Outbound {
             }
             Ok(SendClaim::Claimed) => {}
         }
-        let result = webhook::send_reply(&self.http, agent, target, &request).await;
+        let result = sender.send(agent, &request).await;
         if let Err(e) = self.store.finish_send(agent, &request.idempotency_key, &result).await {
             // The send happened; only its record is missing. A retry will see InFlight, never a duplicate.
             tracing::error!(agent, error = %e, "could not record a send result");

@@ -47,18 +47,17 @@ async fn connection(app: Arc<App>, conn: quinn::Connection) {
         Err(_) => return conn.close(3u32.into(), b"no session stream"),
     };
     let mut reader = FrameReader::new(recv, app.max_frame);
-    let (agent, window) = match tokio::time::timeout(HELLO_TIMEOUT, hello(&app, &mut reader)).await {
-        Ok(Ok(accepted)) => accepted,
-        Ok(Err((code, message))) => {
+    let accepted = tokio::time::timeout(HELLO_TIMEOUT, hello(&app, &mut reader))
+        .await
+        .unwrap_or_else(|_| Err((RejectCode::BadHello, format!("no Hello within {HELLO_TIMEOUT:?}"))));
+    let (agent, window) = match accepted {
+        Ok(accepted) => accepted,
+        Err((code, message)) => {
             tracing::info!(%remote, ?code, %message, "session rejected");
             let _ = write_frame(&mut send, &ToAgent::Reject { code, message }).await;
+            // Closing the connection discards unsent stream data: let the Reject go out first.
             let _ = send.finish();
             let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
-            return conn.close(4u32.into(), b"rejected");
-        }
-        Err(_) => {
-            let message = format!("no Hello within {HELLO_TIMEOUT:?}");
-            let _ = write_frame(&mut send, &ToAgent::Reject { code: RejectCode::BadHello, message }).await;
             return conn.close(4u32.into(), b"rejected");
         }
     };

@@ -9,7 +9,7 @@ use concierge_wakeup::{ConnectInfo, DriverStatus, WakeDriver, WakeRequest};
 use tokio::sync::mpsc;
 
 use crate::fleet::{AgentRuntime, LifecycleView};
-use crate::lifecycle::{Action, DriverFailure, Input, Lifecycle, Policy, Settings};
+use crate::lifecycle::{Action, DriverFailure, Input, Lifecycle, Policy, Settings, State};
 
 /// How long a drained agent gets to disconnect before its session is closed.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
@@ -139,8 +139,16 @@ fn perform(
                             }),
                         },
                     };
-                    if let Err(e) = &result {
-                        tracing::warn!(agent = %request.agent, attempt, error = %e.message, "wake attempt failed");
+                    match &result {
+                        // The agent connected (and maybe already went back to sleep) before the
+                        // driver call returned: its late error no longer matters.
+                        Err(e) if agent.view().state != State::Waking => {
+                            tracing::debug!(agent = %request.agent, attempt, error = %e.message, "driver returned after the wake completed")
+                        }
+                        Err(e) => {
+                            tracing::warn!(agent = %request.agent, attempt, error = %e.message, "wake attempt failed")
+                        }
+                        Ok(()) => {}
                     }
                     agent.input(Input::DriverReturned(result));
                 });

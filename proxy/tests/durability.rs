@@ -160,7 +160,11 @@ async fn graceful_shutdown_keeps_the_cursor() {
     // The session ended: next() gives up (error or end), it does not hang.
     let t = Instant::now();
     let ended = tokio::time::timeout(Duration::from_secs(25), agent.next()).await;
-    eprintln!("shutdown took {took:?}; session end seen after {:?}: {:?}", t.elapsed(), ended.as_ref().map(|r| r.as_ref().map(|o| o.is_some())));
+    eprintln!(
+        "shutdown took {took:?}; session end seen after {:?}: {:?}",
+        t.elapsed(),
+        ended.as_ref().map(|r| r.as_ref().map(|o| o.is_some()))
+    );
     match ended {
         Err(_) => panic!("the agent's session did not end after the proxy stopped"),
         Ok(Ok(Some(e))) => panic!("unexpected event {} after shutdown", e.offset),
@@ -176,5 +180,46 @@ async fn graceful_shutdown_keeps_the_cursor() {
     for e in &events {
         assert_eq!(e.data.raw, body_of(e.offset).as_bytes());
     }
+    expect_no_more(&mut agent, Duration::from_secs(1)).await;
+}
+
+/// A Redis that accepts connections but never answers (SIGSTOP) must not hold webhooks
+/// forever: they get 503 within a bound, never a 2xx; after it thaws, 202 again and every
+/// 202'd event reaches the agent (a 503 whose write Redis ran later may arrive too:
+/// at-least-once, the sender's retry would be deduplicated).
+#[tokio::test(flavor = "multi_thread")]
+async fn frozen_redis_answers_503_within_a_bound() {
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!("{}{}", self_connecting_agent("a"), webhook_route("in", "a", ""));
+    let config = write_config(dir.path(), &Backend::Redis(redis.url()), [0, 0, 0], &body);
+    let proxy = Proxy::start(&config);
+    let http = http_client();
+    let r = proxy.post_with(&http, "a", "in", body_of(1), &[("Idempotency-Key", "k1")]).await;
+    assert_eq!(r.status, 202, "{r:?}");
+
+    redis.pause();
+    let started = Instant::now();
+    let r = proxy.post_with(&http, "a", "in", body_of(2), &[("Idempotency-Key", "k2")]).await;
+    let took = started.elapsed();
+    redis.resume();
+    eprintln!("frozen Redis: {} after {took:?}", r.status);
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.headers.contains_key("retry-after"), "{r:?}");
+    assert!(took < Duration::from_secs(20), "the webhook was held for {took:?}");
+
+    let ok = eventually(Duration::from_secs(30), || async {
+        let r = proxy.post_with(&http, "a", "in", body_of(3), &[("Idempotency-Key", "k3")]).await;
+        (r.status == 202).then_some(r)
+    })
+    .await
+    .unwrap_or_else(|| panic!("webhooks never recovered after Redis thawed; log:\n{}", proxy.log()));
+    let last = ok.json["offset"].as_u64().unwrap();
+    let mut agent = proxy.connect("a").await;
+    let events = receive_n(&mut agent, last as usize, Duration::from_secs(20)).await;
+    let seqs: Vec<u64> = events.iter().map(seq_of).collect();
+    assert_eq!(seqs.first(), Some(&1));
+    assert_eq!(seqs.last(), Some(&3));
+    assert!(seqs.len() <= 3, "{seqs:?}");
     expect_no_more(&mut agent, Duration::from_secs(1)).await;
 }

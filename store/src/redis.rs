@@ -158,7 +158,9 @@ pub struct RedisStore {
 impl RedisStore {
     /// Connects to `url` (`redis://host:port/db`); fails if Redis cannot be reached now.
     pub async fn connect(url: &str, opts: StoreOptions) -> Result<RedisStore, StoreError> {
-        let client = Client::open(url).map_err(|e| StoreError::Config(format!("invalid Redis URL {url:?}: {e}")))?;
+        // The URL may carry a password: messages show it redacted.
+        let shown = redact_url(url);
+        let client = Client::open(url).map_err(|e| StoreError::Config(format!("invalid Redis URL {shown:?}: {e}")))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
@@ -167,7 +169,7 @@ impl RedisStore {
             .set_max_delay(Duration::from_secs(1));
         let conn = ConnectionManager::new_with_config(client, config)
             .await
-            .map_err(|e| StoreError::Unavailable(format!("cannot connect to Redis at {url}: {e}")))?;
+            .map_err(|e| StoreError::Unavailable(format!("cannot connect to Redis at {shown}: {e}")))?;
         Ok(RedisStore { conn, opts, scripts: Scripts::new() })
     }
 
@@ -410,6 +412,19 @@ fn parse_entries(agent: &str, reply: Value) -> Result<Vec<Event>, StoreError> {
     Ok(events)
 }
 
+/// The URL with any user info (`user:password@`) replaced, so it can appear in messages.
+fn redact_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let sep = if scheme.is_empty() { "" } else { "://" };
+            format!("{scheme}{sep}[redacted]@{}", &rest[at + 1..])
+        }
+        None => url.to_string(),
+    }
+}
+
 /// Every Redis failure means "not durable": the caller must not ack.
 fn unavailable(op: &str, agent: &str, e: ::redis::RedisError) -> StoreError {
     StoreError::Unavailable(format!("Redis {op} for agent {agent:?} failed: {e}"))
@@ -431,6 +446,14 @@ mod tests {
         assert_eq!(AgentKeys::new("%7D").meta, "c:{%257D}:meta");
         assert_eq!(AgentKeys::new("").meta, "c:{%}:meta");
         assert_eq!(AgentKeys::new("a").dedupe("k}{:"), "c:{a}:dd:k}{:");
+    }
+
+    #[test]
+    fn urls_in_messages_hide_the_password() {
+        assert_eq!(redact_url("redis://:pw@host:6379/0"), "redis://[redacted]@host:6379/0");
+        assert_eq!(redact_url("redis://user:p@ss@host/0?x=@"), "redis://[redacted]@host/0?x=@");
+        assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
+        assert_eq!(redact_url("unix:///tmp/r.sock"), "unix:///tmp/r.sock");
     }
 
     #[test]

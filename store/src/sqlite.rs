@@ -143,6 +143,10 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens (creating if needed) the store at `path`, refusing if another Concierge holds it.
     pub fn open(path: &Path, opts: StoreOptions) -> Result<SqliteStore, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Config(format!("cannot create the store directory {}: {e}", dir.display())))?;
+        }
         let lock = acquire_lock(path)?;
         let write_conn = open_writer(path)?;
         let reader = open_reader(path)?;

@@ -144,66 +144,50 @@ async fn measure(
 
     // The open-loop sender.
     let key = signature::secret_bytes(secret);
+    let timings_for_sender = timings.clone();
     let path: Arc<str> = format!("/hooks/{agent}/lat").into();
     let pool: Arc<Mutex<Vec<Conn>>> = Arc::default();
     let permits = Arc::new(Semaphore::new(p.connections.max(1)));
     let interval = Duration::from_secs_f64(1.0 / p.rate.max(1) as f64);
     eprintln!("latency: {} warm-up + {measured} requests at {}/s ...", p.warmup, p.rate);
     let start = Instant::now() + Duration::from_millis(20);
-    let mut requests = tokio::task::JoinSet::new();
-    let mut send_errors = 0u64;
-    for i in 0..total {
-        let scheduled = start + interval.mul_f64(i as f64);
-        tokio::time::sleep_until(scheduled.into()).await;
-        // Collect finished requests as we go so the set stays small.
-        while let Some(r) = requests.try_join_next() {
-            if r.context("request task panicked")?.is_err() {
-                send_errors += 1;
+    // The schedule runs on a thread of its own: tokio's timer has 1 ms granularity, which would
+    // add up to a millisecond of generator lag to every request; a thread's sleep is accurate to
+    // tens of microseconds, and the request itself runs on the runtime.
+    let runtime = tokio::runtime::Handle::current();
+    let (handles_tx, mut handles) = tokio::sync::mpsc::unbounded_channel();
+    let http = proxy.http;
+    let size = p.body_bytes;
+    let scheduler = std::thread::spawn(move || {
+        for i in 0..total {
+            let scheduled = start + interval.mul_f64(i as f64);
+            let now = Instant::now();
+            if scheduled > now {
+                std::thread::sleep(scheduled - now);
+            }
+            let r = Request {
+                i,
+                http,
+                size,
+                pool: pool.clone(),
+                permits: permits.clone(),
+                timings: timings_for_sender.clone(),
+                path: path.clone(),
+                key: key.clone(),
+            };
+            if handles_tx.send(runtime.spawn(r.run())).is_err() {
+                return;
             }
         }
-        let (pool, permits, timings, path, key) =
-            (pool.clone(), permits.clone(), timings.clone(), path.clone(), key.clone());
-        let http = proxy.http;
-        let size = p.body_bytes;
-        requests.spawn(async move {
-            let _permit = permits.acquire_owned().await?;
-            let conn = pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
-            let mut conn = match conn {
-                Some(c) => c,
-                None => Conn::connect(http).await?,
-            };
-            let body = super::body(i as u64, "latency", size);
-            let id = format!("msg_{i}");
-            let ts = (concierge_protocol::now_ms() / 1000) as i64;
-            let sig = signature::standard_sign(&key, &id, ts, &body);
-            let ts = ts.to_string();
-            let headers = [
-                ("content-type", "application/json"),
-                ("webhook-id", id.as_str()),
-                ("webhook-timestamp", ts.as_str()),
-                ("webhook-signature", sig.as_str()),
-            ];
-            let sent = Instant::now();
-            let answer = conn.post(&path, &headers, Bytes::from(body)).await;
-            let now = Instant::now();
-            let status = answer.as_ref().map(|a| a.status).unwrap_or(0);
-            {
-                let mut t = timings.lock().unwrap_or_else(|e| e.into_inner());
-                t.answered[i] = Some(if status == 202 { Ok(now) } else { Err(status) });
-                t.sent[i] = Some(sent);
-            }
-            if answer.is_ok() {
-                pool.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
-            }
-            answer.map(|_| ())
-        });
-    }
-    let send_span = start.elapsed();
-    while let Some(r) = requests.join_next().await {
-        if r.context("request task panicked")?.is_err() {
+    });
+    let mut send_errors = 0u64;
+    while let Some(h) = handles.recv().await {
+        if h.await.context("request task panicked")?.is_err() {
             send_errors += 1;
         }
     }
+    let send_span = start.elapsed();
+    scheduler.join().map_err(|_| anyhow::anyhow!("the scheduler thread panicked"))?;
     // Everything acknowledged must arrive; wait a bounded time for the stragglers.
     let (client, unmatched) = match bounded("agent receiving every event", Duration::from_secs(30), async {
         receiver.await.context("receiver panicked")?
@@ -257,4 +241,52 @@ async fn measure(
         report.notes.push(format!("{send_errors} requests failed at the HTTP level; {unmatched} unmatched events"));
     }
     Ok(())
+}
+
+/// One scheduled webhook.
+struct Request {
+    i: usize,
+    http: std::net::SocketAddr,
+    size: usize,
+    pool: Arc<Mutex<Vec<Conn>>>,
+    permits: Arc<Semaphore>,
+    timings: Arc<Mutex<Timings>>,
+    path: Arc<str>,
+    key: Vec<u8>,
+}
+
+impl Request {
+    async fn run(self) -> anyhow::Result<()> {
+        let i = self.i;
+        let _permit = self.permits.acquire_owned().await?;
+        let conn = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut conn = match conn {
+            Some(c) => c,
+            None => Conn::connect(self.http).await?,
+        };
+        let body = super::body(i as u64, "latency", self.size);
+        let id = format!("msg_{i}");
+        let ts = (concierge_protocol::now_ms() / 1000) as i64;
+        let sig = signature::standard_sign(&self.key, &id, ts, &body);
+        let ts = ts.to_string();
+        let headers = [
+            ("content-type", "application/json"),
+            ("webhook-id", id.as_str()),
+            ("webhook-timestamp", ts.as_str()),
+            ("webhook-signature", sig.as_str()),
+        ];
+        let sent = Instant::now();
+        let answer = conn.post(&self.path, &headers, Bytes::from(body)).await;
+        let now = Instant::now();
+        let status = answer.as_ref().map(|a| a.status).unwrap_or(0);
+        {
+            let mut t = self.timings.lock().unwrap_or_else(|e| e.into_inner());
+            t.answered[i] = Some(if status == 202 { Ok(now) } else { Err(status) });
+            t.sent[i] = Some(sent);
+        }
+        if answer.is_ok() {
+            self.pool.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
+        }
+        answer.map(|_| ())
+    }
 }
