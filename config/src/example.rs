@@ -22,6 +22,11 @@ http_listen = "127.0.0.1:8080"
 # bearer token is required: admin_token, admin_token_env or admin_token_file.
 admin_listen = "127.0.0.1:9090"
 # admin_token_env = "CONCIERGE_ADMIN_TOKEN"
+# A second token that can read the dashboard, API and /metrics but perform no action.
+# admin_read_token_env = "CONCIERGE_ADMIN_READ_TOKEN"
+# Per-agent metric labels for at most this many agents (those with the most buffered events);
+# fleet-wide totals are always exported.
+# metrics_agent_labels = 100
 # The host:port agents are told to dial (defaults to quic_listen).
 # public_addr = "agents.example.com:4433"
 # TLS name agents verify.

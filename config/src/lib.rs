@@ -85,6 +85,10 @@ pub struct ServerConfig {
     pub admin_listen: SocketAddr,
     /// Bearer token for the admin listener; always present when `admin_listen` is not loopback.
     pub admin_token: Option<Secret>,
+    /// Bearer token that may read the admin API, dashboard and metrics but perform no action.
+    pub admin_read_token: Option<Secret>,
+    /// Most agents given their own label on per-agent metrics (fleet totals are always exported).
+    pub metrics_agent_labels: u64,
     /// `host:port` that agents are told to dial (may differ from `quic_listen` behind NAT).
     pub public_addr: String,
     /// TLS server name agents verify.

@@ -511,6 +511,26 @@ impl Ctx<'_> {
                 None
             }
         };
+        let admin_read_token = match self.secret(
+            "server",
+            "admin_read_token",
+            raw.admin_read_token.as_ref(),
+            raw.admin_read_token_env.as_ref(),
+            raw.admin_read_token_file.as_ref(),
+        ) {
+            Got::Found(s) => {
+                if admin_token.is_none() {
+                    self.err(
+                        "server.admin_read_token",
+                        "requires server.admin_token: without it every admin action would be open to anyone",
+                    );
+                }
+                Some(s)
+            }
+            Got::Bad | Got::Missing => None,
+        };
+        let metrics_agent_labels =
+            self.uint("server.metrics_agent_labels", raw.metrics_agent_labels.as_ref(), 100, 0, 100_000);
         let public_addr = match raw.public_addr.as_ref() {
             None => quic_listen.to_string(),
             Some(t) => {
@@ -544,6 +564,8 @@ impl Ctx<'_> {
             http_listen,
             admin_listen,
             admin_token,
+            admin_read_token,
+            metrics_agent_labels,
             public_addr,
             server_name,
             data_dir,

@@ -71,8 +71,12 @@ async fn connection(app: Arc<App>, conn: quinn::Connection) {
         Ok(()) => tracing::info!(agent = agent.id(), session = id, "session ended"),
         Err(e) => tracing::info!(agent = agent.id(), session = id, error = %e, "session ended"),
     }
-    if let Err(SessionError::Protocol(message)) = &result {
-        conn.close(5u32.into(), message.as_bytes());
+    match &result {
+        Err(SessionError::Protocol(message)) => conn.close(5u32.into(), message.as_bytes()),
+        // Without the store the session delivers nothing and drops acks: close it so the agent
+        // reconnects (and resumes from the durable cursor) instead of idling on a dead session.
+        Err(SessionError::Store(_)) => conn.close(6u32.into(), b"event store unavailable; reconnect"),
+        _ => {}
     }
     agent.detach(id);
     // Sends already accepted finish on their own; new ones end with the connection.
@@ -168,12 +172,17 @@ async fn deliver(
             frame = reader.next::<ToProxy>() => match frame? {
                 Some(ToProxy::Credit { window: w }) => window = u64::from(w).clamp(1, cap),
                 Some(ToProxy::Ack { up_to }) => {
-                    if up_to > sent {
-                        return Err(SessionError::Protocol(format!("Ack up to {up_to} but only {sent} was delivered")));
+                    // An agent may ack beyond this session's deliveries: after a reconnect the
+                    // SDK re-sends an ack whose first copy was lost with the old connection.
+                    // Beyond the stored head, though, it acks events that do not exist.
+                    let head = agent.head();
+                    if up_to > head {
+                        return Err(SessionError::Protocol(format!("Ack up to {up_to} but the log ends at {head}")));
                     }
                     if up_to > acked {
                         acked = app.store.ack(agent.id(), up_to).await?;
                         agent.acked(acked);
+                        sent = sent.max(acked);
                     }
                 }
                 Some(ToProxy::Idle) => agent.input(Input::Idle),

@@ -113,3 +113,53 @@ async fn a_newer_session_supersedes_the_older_and_gets_the_unacked_events() {
     }
     assert_eq!(proxy.agent("a").await["state"], "awake");
 }
+
+/// A raw protocol client: the SDK hides the case we want to provoke.
+async fn raw_session(
+    proxy: &Proxy,
+    window: u32,
+) -> (quinn::Endpoint, quinn::Connection, quinn::SendStream, concierge_protocol::io::FrameReader) {
+    use concierge_protocol::tls::{Trust, client_config};
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(client_config(Trust::Pinned(proxy.cert_sha256.clone())).unwrap());
+    let conn = endpoint.connect(proxy.quic.parse().unwrap(), "localhost").unwrap().await.unwrap();
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    let hello = concierge_protocol::ToProxy::Hello {
+        version: 1,
+        agent: "a".into(),
+        token: TOKEN.into(),
+        client: "raw".into(),
+        window,
+    };
+    concierge_protocol::io::write_frame(&mut send, &hello).await.unwrap();
+    let mut reader = concierge_protocol::io::FrameReader::new(recv, 1 << 20);
+    let welcome = reader.next::<concierge_protocol::ToAgent>().await.unwrap().unwrap();
+    assert!(matches!(welcome, concierge_protocol::ToAgent::Welcome { .. }), "{welcome:?}");
+    (endpoint, conn, send, reader)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ack_resent_after_reconnect_is_accepted_but_acks_beyond_the_log_are_not() {
+    use concierge_protocol::{ToAgent, ToProxy};
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&config(dir.path()));
+    post_n(&proxy, 3).await;
+    {
+        let (_endpoint, conn, _send, mut reader) = raw_session(&proxy, 100).await;
+        let Some(ToAgent::Deliver { events }) = reader.next::<ToAgent>().await.unwrap() else { panic!("no delivery") };
+        assert_eq!(events.len(), 3);
+        conn.close(0u32.into(), b"ack lost with the connection");
+    }
+    // The new session's first frame re-sends the lost ack before reading anything; with a
+    // window of 1 this session has delivered at most offset 1 when the ack for 3 arrives.
+    let (_endpoint, conn, mut send, _reader) = raw_session(&proxy, 1).await;
+    concierge_protocol::io::write_frame(&mut send, &ToProxy::Ack { up_to: 3 }).await.unwrap();
+    let cursor =
+        eventually(Duration::from_secs(5), || async { (proxy.agent("a").await["cursor"] == 3).then_some(()) }).await;
+    assert!(cursor.is_some(), "the re-sent ack was not applied");
+    assert!(conn.close_reason().is_none(), "the session survived the ack");
+    // Acking an offset that was never stored is a protocol error that names the problem.
+    concierge_protocol::io::write_frame(&mut send, &ToProxy::Ack { up_to: 99 }).await.unwrap();
+    let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await.expect("closed");
+    assert!(reason.to_string().contains("the log ends at 3"), "{reason}");
+}

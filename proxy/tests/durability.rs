@@ -19,21 +19,42 @@ fn seq_of(e: &concierge_protocol::Event) -> u64 {
     v["seq"].as_u64().expect("seq in body")
 }
 
-/// 200 webhooks answered 202, SIGKILL right after the last one, restart on the same ports and
-/// data: the agent receives exactly those 200 events, in order, once each.
-async fn acked_webhooks_survive_sigkill(backend: Backend) {
+/// 200 webhooks answered 202 (`concurrency` in flight at once), SIGKILL right after the last
+/// one, restart on the same ports and data: the agent receives exactly those 200 events, in
+/// offset order 1..=200, each the body whose 202 named that offset, once each.
+async fn acked_webhooks_survive_sigkill(backend: Backend, concurrency: usize) {
+    use futures::StreamExt as _;
     let dir = tempfile::tempdir().unwrap();
     let ports = fixed_ports();
     let body = format!("{}{}", self_connecting_agent("a"), webhook_route("in", "a", ""));
     let config = write_config(dir.path(), &backend, ports, &body);
     let mut proxy = Proxy::start(&config);
     let http = http_client();
-    for seq in 1..=EVENTS {
-        let key = format!("key-{seq}");
-        let r = proxy.post_with(&http, "a", "in", body_of(seq), &[("Idempotency-Key", &key)]).await;
+    let posts = futures::stream::iter(1..=EVENTS)
+        .map(|seq| {
+            let (proxy, http) = (&proxy, &http);
+            async move {
+                let key = format!("key-{seq}");
+                (seq, proxy.post_with(http, "a", "in", body_of(seq), &[("Idempotency-Key", &key)]).await)
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect::<Vec<_>>()
+        .await;
+    // offset -> seq, from the 202s.
+    let mut seq_at = vec![0u64; EVENTS as usize + 1];
+    for (seq, r) in &posts {
         assert_eq!(r.status, 202, "webhook {seq}: {r:?}");
-        assert_eq!(r.json["offset"], seq, "webhook {seq}: {r:?}");
         assert_eq!(r.json["duplicate"], false, "webhook {seq}: {r:?}");
+        let offset = r.json["offset"].as_u64().unwrap();
+        assert!(
+            (1..=EVENTS).contains(&offset) && seq_at[offset as usize] == 0,
+            "offset {offset} twice or out of range"
+        );
+        seq_at[offset as usize] = *seq;
+        if concurrency == 1 {
+            assert_eq!(offset, *seq, "sequential webhooks get consecutive offsets");
+        }
     }
     proxy.kill9();
     drop(http);
@@ -45,9 +66,10 @@ async fn acked_webhooks_survive_sigkill(backend: Backend) {
     assert_eq!((welcome.cursor, welcome.backlog), (0, EVENTS), "{welcome:?}");
     let events = receive_n(&mut agent, EVENTS as usize, Duration::from_secs(60)).await;
     for (i, e) in events.iter().enumerate() {
-        let seq = i as u64 + 1;
-        assert_eq!(e.offset, seq, "offsets are 1..=200 in order");
-        assert_eq!(e.data.raw, body_of(seq).as_bytes(), "body of offset {seq}");
+        let offset = i as u64 + 1;
+        assert_eq!(e.offset, offset, "offsets are 1..=200 in order");
+        let seq = seq_at[offset as usize];
+        assert_eq!(e.data.raw, body_of(seq).as_bytes(), "body at offset {offset}");
         assert_eq!(e.data.dedupe_key.as_deref(), Some(format!("in:key-{seq}").as_str()));
     }
     expect_no_more(&mut agent, Duration::from_secs(1)).await;
@@ -56,13 +78,24 @@ async fn acked_webhooks_survive_sigkill(backend: Backend) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_after_acks_loses_nothing_embedded() {
-    acked_webhooks_survive_sigkill(Backend::Embedded).await;
+    acked_webhooks_survive_sigkill(Backend::Embedded, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_after_acks_loses_nothing_redis() {
     let redis = Redis::start();
-    acked_webhooks_survive_sigkill(Backend::Redis(redis.url())).await;
+    acked_webhooks_survive_sigkill(Backend::Redis(redis.url()), 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_after_concurrent_acks_loses_nothing_embedded() {
+    acked_webhooks_survive_sigkill(Backend::Embedded, 16).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_after_concurrent_acks_loses_nothing_redis() {
+    let redis = Redis::start();
+    acked_webhooks_survive_sigkill(Backend::Redis(redis.url()), 16).await;
 }
 
 /// Redis down: webhooks get 503 + Retry-After (never a 2xx), /readyz fails, nothing hangs;
@@ -221,5 +254,48 @@ async fn frozen_redis_answers_503_within_a_bound() {
     assert_eq!(seqs.first(), Some(&1));
     assert_eq!(seqs.last(), Some(&3));
     assert!(seqs.len() <= 3, "{seqs:?}");
+    expect_no_more(&mut agent, Duration::from_secs(1)).await;
+}
+
+/// An agent connected through a Redis outage (its ack fails while Redis is down) is not left
+/// on a dead session: once Redis is back it resumes promptly, the failed ack is applied, and
+/// new events arrive.
+#[tokio::test(flavor = "multi_thread")]
+async fn connected_agent_resumes_promptly_after_a_redis_outage() {
+    let mut redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!("{}{}", self_connecting_agent("a"), webhook_route("in", "a", ""));
+    let config = write_config(dir.path(), &Backend::Redis(redis.url()), [0, 0, 0], &body);
+    let proxy = Proxy::start(&config);
+    let http = http_client();
+    let mut options = proxy.client_options("a", TOKEN);
+    options.reconnect_attempts = 50;
+    options.reconnect_max = Duration::from_millis(500);
+    let mut agent = AgentClient::connect(options).await.expect("agent connects");
+    for seq in 1..=3 {
+        let r = proxy.post_with(&http, "a", "in", body_of(seq), &[("Idempotency-Key", &format!("k{seq}"))]).await;
+        assert_eq!(r.status, 202, "{r:?}");
+    }
+    let events = receive_n_unacked(&mut agent, 3, Duration::from_secs(10)).await;
+    assert_eq!(events.last().unwrap().offset, 3);
+
+    redis.kill9();
+    agent.ack(3); // fails in the store: the session cannot apply it
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.restart();
+    let back = Instant::now();
+    let ready = eventually(Duration::from_secs(30), || async {
+        (proxy.admin_status("/readyz", None).await == 200).then_some(())
+    })
+    .await;
+    assert!(ready.is_some(), "/readyz never recovered");
+    let r = proxy.post_with(&http, "a", "in", body_of(4), &[("Idempotency-Key", "k4")]).await;
+    assert_eq!(r.status, 202, "{r:?}");
+    let next = receive_n(&mut agent, 1, Duration::from_secs(60)).await;
+    let took = back.elapsed();
+    eprintln!("event 4 arrived {took:?} after Redis came back");
+    assert_eq!(next[0].offset, 4, "event 3 is not handed out twice, event 4 arrives");
+    assert!(took < Duration::from_secs(10), "the agent sat on a dead session for {took:?}; log:\n{}", proxy.log());
+    proxy.wait_cursor("a", 4, Duration::from_secs(10)).await;
     expect_no_more(&mut agent, Duration::from_secs(1)).await;
 }

@@ -82,6 +82,9 @@ pub enum StoreError {
     /// The store is misconfigured or locked by another process.
     #[error("{0}")]
     Config(String),
+    /// The request cannot be applied to the log as it stands (e.g. rewinding past retention).
+    #[error("{0}")]
+    Rejected(String),
 }
 
 /// Tunables shared by both backends.
@@ -114,6 +117,11 @@ pub trait Store: Send + Sync + 'static {
     /// Advances the cursor to `up_to` (never backwards, never past head) and trims acked
     /// events beyond the retention. Returns the new cursor.
     async fn ack(&self, agent: &str, up_to: u64) -> Result<u64, StoreError>;
+
+    /// Moves the cursor back to `to` so events `to+1..=cursor` are delivered again (operator
+    /// "redeliver from offset"). Fails with `Rejected` when `to` is past the cursor or those
+    /// events are no longer retained (`retain_acked`). Returns the new cursor.
+    async fn rewind(&self, agent: &str, to: u64) -> Result<u64, StoreError>;
 
     /// Epoch, cursor and head of an agent's log (creating the epoch on first use).
     async fn position(&self, agent: &str) -> Result<Position, StoreError>;

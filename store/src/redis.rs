@@ -106,6 +106,22 @@ end
 return cursor
 "#;
 
+/// ARGV[2] = target cursor. Returns {1, new cursor}, or {0, cursor} when the target is past
+/// the cursor, or {-1, cursor} when events after the target are no longer retained.
+const REWIND: &str = r#"
+local cursor = tonumber(redis.call('HGET', KEYS[1], 'cursor'))
+local target = tonumber(ARGV[2])
+if target > cursor then return {0, cursor} end
+if target == cursor then return {1, cursor} end
+local entries = redis.call('XRANGE', KEYS[2], id(target + 1), id(cursor))
+if #entries ~= cursor - target then return {-1, cursor} end
+local bytes = 0
+for _, entry in ipairs(entries) do bytes = bytes + tonumber(field(entry[2], 'size') or '0') end
+redis.call('HINCRBY', KEYS[1], 'bytes', bytes)
+redis.call('HSET', KEYS[1], 'cursor', target)
+return {1, target}
+"#;
+
 /// Returns {epoch, cursor, head}.
 const POSITION: &str = r#"
 return redis.call('HMGET', KEYS[1], 'epoch', 'cursor', 'head')
@@ -130,6 +146,7 @@ return redis.call('GET', KEYS[1])
 struct Scripts {
     append: Script,
     ack: Script,
+    rewind: Script,
     position: Script,
     stats: Script,
     claim: Script,
@@ -141,6 +158,7 @@ impl Scripts {
         Self {
             append: with_prelude(APPEND),
             ack: with_prelude(ACK),
+            rewind: with_prelude(REWIND),
             position: with_prelude(POSITION),
             stats: with_prelude(STATS),
             claim: Script::new(CLAIM),
@@ -228,6 +246,30 @@ impl Store for RedisStore {
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| unavailable("ack", agent, e))
+    }
+
+    async fn rewind(&self, agent: &str, to: u64) -> Result<u64, StoreError> {
+        let keys = AgentKeys::new(agent);
+        let (status, cursor): (i64, u64) = self
+            .scripts
+            .rewind
+            .key(&keys.meta)
+            .key(&keys.evt)
+            .arg(new_epoch())
+            .arg(to)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| unavailable("rewind", agent, e))?;
+        match status {
+            1 => Ok(cursor),
+            0 => Err(StoreError::Rejected(format!(
+                "cannot rewind agent {agent:?} forward to {to}: its cursor is {cursor}"
+            ))),
+            _ => Err(StoreError::Rejected(format!(
+                "cannot rewind agent {agent:?} to {to}: events {}..={cursor} are no longer retained (raise store.retain_acked)",
+                to + 1
+            ))),
+        }
     }
 
     async fn position(&self, agent: &str) -> Result<Position, StoreError> {

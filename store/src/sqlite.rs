@@ -293,6 +293,31 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn rewind(&self, agent: &str, to: u64) -> Result<u64, StoreError> {
+        let agent = agent.to_owned();
+        self.write(move |conn| {
+            let cursor = ensure_agent(conn, &agent)?.cursor;
+            if to > cursor {
+                return Err(StoreError::Rejected(format!(
+                    "cannot rewind agent {agent:?} forward to {to}: its cursor is {cursor}"
+                )));
+            }
+            if to == cursor {
+                return Ok(cursor);
+            }
+            let retained: i64 = conn
+                .prepare_cached("SELECT COUNT(*) FROM events WHERE agent = ?1 AND offset > ?2 AND offset <= ?3")?
+                .query_row(params![agent, sql_int(to), sql_int(cursor)], |r| r.get(0))?;
+            if retained as u64 != cursor - to {
+                return Err(not_retained(&agent, to, cursor));
+            }
+            conn.prepare_cached("UPDATE agents SET cursor = ?2 WHERE agent = ?1")?
+                .execute(params![agent, sql_int(to)])?;
+            Ok(to)
+        })
+        .await
+    }
+
     async fn position(&self, agent: &str) -> Result<Position, StoreError> {
         let owned = agent.to_owned();
         if let Some(row) = self.read_with(move |conn| load_agent(conn, &owned)).await? {
@@ -559,6 +584,14 @@ fn read_stats(conn: &Connection, agent: &str) -> Result<Option<Stats>, StoreErro
 
 // ---------------------------------------------------------------------------------------
 // Small conversions
+
+/// The error of a rewind past what retention kept.
+fn not_retained(agent: &str, to: u64, cursor: u64) -> StoreError {
+    StoreError::Rejected(format!(
+        "cannot rewind agent {agent:?} to {to}: events {}..={cursor} are no longer retained (raise store.retain_acked)",
+        to + 1
+    ))
+}
 
 /// SQLite integers are i64; our u64s (offsets, milliseconds) stay far below i64::MAX, and a
 /// caller's out-of-range value (e.g. `read(after: u64::MAX)`) saturates instead of failing.

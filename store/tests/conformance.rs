@@ -147,6 +147,7 @@ macro_rules! suite_tests {
                 read_pages_in_order,
                 ack_clamps_and_stats_track_exactly,
                 retention_keeps_exactly_retain_acked,
+                rewind_redelivers_retained_events_only,
                 drained_log_keeps_counting,
                 agents_are_isolated_even_with_odd_ids,
                 send_claims_per_agent,
@@ -323,6 +324,30 @@ mod suite {
         }
         h.store.ack(&a, 4).await.unwrap();
         assert_eq!(offsets(&*h.store, &a).await, vec![5], "retain_acked = 0 keeps only pending events");
+        h.cleanup().await;
+    }
+
+    pub async fn rewind_redelivers_retained_events_only(make: Make) {
+        let h = make(StoreOptions { retain_acked: 2, ..StoreOptions::default() }).await;
+        let a = h.agent("a");
+        let events: Vec<EventData> = (1..=5).map(|i| event(&a, None, &format!("m{i}"))).collect();
+        for e in &events {
+            h.store.append(e).await.unwrap();
+        }
+        assert_eq!(h.store.ack(&a, 4).await.unwrap(), 4);
+        assert!(matches!(h.store.rewind(&a, 5).await, Err(StoreError::Rejected(_))), "never forward");
+        assert!(matches!(h.store.rewind(&a, 1).await, Err(StoreError::Rejected(_))), "offset 2 was trimmed");
+        assert_eq!(h.store.position(&a).await.unwrap().cursor, 4, "a refused rewind changes nothing");
+        assert_eq!(h.store.rewind(&a, 4).await.unwrap(), 4, "rewinding to the cursor is a no-op");
+        assert_eq!(h.store.rewind(&a, 2).await.unwrap(), 2);
+        let s = h.store.stats(&a).await.unwrap();
+        let bytes: u64 = events[2..].iter().map(|e| e.size_hint() as u64).sum();
+        assert_eq!((s.pending, s.pending_bytes, s.position.cursor), (3, bytes, 2));
+        assert_eq!(s.oldest_pending_ms, Some(events[2].received_at_ms));
+        let again: Vec<u64> = h.store.read(&a, 2, 10).await.unwrap().iter().map(|e| e.offset).collect();
+        assert_eq!(again, vec![3, 4, 5], "rewound events are readable again");
+        assert_eq!(h.store.ack(&a, 5).await.unwrap(), 5, "acking after a rewind works as usual");
+        assert_eq!(h.store.stats(&a).await.unwrap().pending_bytes, 0);
         h.cleanup().await;
     }
 

@@ -11,7 +11,7 @@ use concierge_adapters::signature;
 
 use super::http::Conn;
 use super::latency::base64_random;
-use super::proxy::{Proxy, agent_section, route_section, toml_str};
+use super::proxy::{CpuMeter, Proxy, agent_section, route_section, toml_str};
 use super::{Context, Report, bounded, histogram, random_hex, record};
 
 /// Parameters of the ingest scenario.
@@ -84,6 +84,7 @@ async fn measure(
 ) -> anyhow::Result<()> {
     let key = signature::secret_bytes(secret);
     eprintln!("ingest: {} workers for {:?} (+{:?} warm-up) ...", p.concurrency, p.duration, p.warmup);
+    let cpu = CpuMeter::start(proxy).await;
     let begin = Instant::now();
     let measure_from = begin + p.warmup;
     let end = measure_from + p.duration;
@@ -154,6 +155,7 @@ async fn measure(
         anyhow::Ok(())
     })
     .await?;
+    cpu.finish(report);
     proxy.check_alive()?;
     let secs = p.duration.as_secs_f64();
     report.figure("acks_per_s", acked as f64 / secs, "202/s");

@@ -15,7 +15,7 @@ use concierge_protocol::client::AgentClient;
 use tokio::sync::Semaphore;
 
 use super::http::Conn;
-use super::proxy::{Proxy, agent_section, route_section, toml_str};
+use super::proxy::{CpuMeter, Proxy, agent_section, route_section, toml_str};
 use super::{Context, Report, bounded, histogram, random_hex, record};
 
 /// Parameters of the latency scenario.
@@ -150,6 +150,7 @@ async fn measure(
     let permits = Arc::new(Semaphore::new(p.connections.max(1)));
     let interval = Duration::from_secs_f64(1.0 / p.rate.max(1) as f64);
     eprintln!("latency: {} warm-up + {measured} requests at {}/s ...", p.warmup, p.rate);
+    let cpu = CpuMeter::start(proxy).await;
     let start = Instant::now() + Duration::from_millis(20);
     // The schedule runs on a thread of its own: tokio's timer has 1 ms granularity, which would
     // add up to a millisecond of generator lag to every request; a thread's sleep is accurate to
@@ -187,6 +188,7 @@ async fn measure(
         }
     }
     let send_span = start.elapsed();
+    cpu.finish(report);
     scheduler.join().map_err(|_| anyhow::anyhow!("the scheduler thread panicked"))?;
     // Everything acknowledged must arrive; wait a bounded time for the stragglers.
     let (client, unmatched) = match bounded("agent receiving every event", Duration::from_secs(30), async {

@@ -264,3 +264,59 @@ pub fn agent_section(id: &str, token: &str, window: u32, max_pending: u64, wake:
 pub fn route_section(route: &str, agent: &str, verify: &str, extra: &str) -> String {
     format!("[webhooks.{route}]\nagent = {}\nverify = \"{verify}\"\n{extra}\n\n", toml_str(agent))
 }
+
+/// User + system CPU time of process `pid` so far (from `/proc/<pid>/stat`), if readable.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `state` is field 3 overall, i.e. index 0 here; utime and stime are fields 14 and 15.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let ticks = if ticks > 0 { ticks as u64 } else { 100 };
+    Some(Duration::from_secs_f64((utime + stime) as f64 / ticks as f64))
+}
+
+/// The pid of the Redis server at `url` (`INFO server` -> `process_id`), when it is local.
+pub async fn redis_pid(url: &str) -> Option<u32> {
+    let client = redis::Client::open(url).ok()?;
+    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+    let info: String = redis::cmd("INFO").arg("server").query_async(&mut conn).await.ok()?;
+    let pid: u32 = info.lines().find_map(|l| l.strip_prefix("process_id:"))?.trim().parse().ok()?;
+    // Only meaningful if that process is on this machine (and visible to us).
+    std::path::Path::new(&format!("/proc/{pid}/stat")).exists().then_some(pid)
+}
+
+/// CPU used by the proxy, this load generator and (for a local Redis) Redis over a phase.
+pub struct CpuMeter {
+    pids: Vec<(&'static str, u32, Duration)>,
+    started: Instant,
+}
+
+impl CpuMeter {
+    /// Starts measuring.
+    pub async fn start(proxy: &Proxy) -> CpuMeter {
+        let mut pids = vec![("proxy", proxy.child.id()), ("loadgen", std::process::id())];
+        if let StoreChoice::Redis(url) = &proxy.store
+            && let Some(pid) = redis_pid(url).await
+        {
+            pids.push(("redis", pid));
+        }
+        let pids = pids.into_iter().map(|(n, p)| (n, p, cpu_time(p).unwrap_or_default())).collect();
+        CpuMeter { pids, started: Instant::now() }
+    }
+
+    /// Adds `cpu_<name>_cores` figures: average cores busy since `start`.
+    pub fn finish(self, report: &mut super::Report) {
+        let wall = self.started.elapsed().as_secs_f64();
+        for (name, pid, before) in self.pids {
+            if let Some(after) = cpu_time(pid) {
+                let used = after.saturating_sub(before).as_secs_f64();
+                report.figure(&format!("cpu_{name}_cores"), used / wall, "cores");
+            }
+        }
+    }
+}

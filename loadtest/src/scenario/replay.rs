@@ -11,7 +11,7 @@ use bytes::Bytes;
 use concierge_protocol::client::AgentClient;
 
 use super::http::Conn;
-use super::proxy::{Proxy, agent_section, route_section};
+use super::proxy::{CpuMeter, Proxy, agent_section, route_section};
 use super::{Context, Report, Target, bounded, random_hex};
 
 /// Parameters of the replay scenario.
@@ -82,6 +82,7 @@ async fn measure(proxy: &mut Proxy, agent: &str, token: &str, p: &Params, report
     // Replay.
     eprintln!("replay: connecting the agent ...");
     let options = proxy.client_options(agent, token, p.window);
+    let cpu = CpuMeter::start(proxy).await;
     let started = Instant::now();
     let drained = bounded("the replay", Duration::from_secs(600), async {
         let mut client = AgentClient::connect(options).await.context("agent connect")?;
@@ -124,6 +125,7 @@ async fn measure(proxy: &mut Proxy, agent: &str, token: &str, p: &Params, report
         .await?;
     let all_acked = started.elapsed();
     client.close().await;
+    cpu.finish(report);
 
     let secs = all_received.as_secs_f64();
     report.figure_target(
