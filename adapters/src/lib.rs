@@ -5,8 +5,12 @@
 use async_trait::async_trait;
 use concierge_protocol::{EventData, SendRequest, SendResult};
 
+mod http_util;
 pub mod signature;
+pub mod smtp;
+pub mod telegram;
 pub mod webhook;
+pub mod whatsapp;
 
 /// What the sink did with an event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

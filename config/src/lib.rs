@@ -27,6 +27,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use example::EXAMPLE;
+pub use validate::smtp::{IpNet, RelayConfig, RelayTls, SmtpConfig};
+pub use validate::telegram::{TelegramConfig, TelegramMode};
+pub use validate::whatsapp::WhatsAppConfig;
 
 /// A secret string (token, signing key, password-bearing URL): kept out of `Debug`/`Display`
 /// so it never reaches logs, error messages or the dashboard.
@@ -72,6 +75,12 @@ pub struct Config {
     pub agents: BTreeMap<String, AgentConfig>,
     /// Inbound webhook routes by route name (URL `/hooks/<agent>/<route>`).
     pub webhooks: BTreeMap<String, WebhookConfig>,
+    /// Telegram bots by name (`[telegram.<bot>]`).
+    pub telegram: BTreeMap<String, TelegramConfig>,
+    /// WhatsApp Business Cloud API numbers by name (`[whatsapp.<name>]`).
+    pub whatsapp: BTreeMap<String, WhatsAppConfig>,
+    /// Inbound SMTP server and outbound relay (`[smtp]`); `None` = no email channel.
+    pub smtp: Option<SmtpConfig>,
 }
 
 /// The `[server]` section: listeners, limits and identity of this proxy.

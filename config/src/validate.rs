@@ -13,16 +13,25 @@ use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 use serde::de::DeserializeOwned;
 
+#[path = "smtp.rs"]
+pub(crate) mod smtp;
+
 use crate::raw::{RawAgent, RawServer, RawStore, RawTls, RawWake, RawWebhook, Text};
 use crate::{
     AgentConfig, Config, ConfigError, ConfigErrors, DriverConfig, Secret, ServerConfig, StoreBackend, StoreConfig,
     TlsFiles, Verify, WakeConfig, WakePolicy, WebhookConfig,
 };
 
+// Channel sections live in their own files; as children of this module they share `Ctx`.
+#[path = "telegram.rs"]
+pub(crate) mod telegram;
+#[path = "whatsapp.rs"]
+pub(crate) mod whatsapp;
+
 const ENV_PREFIX: &str = "CONCIERGE_";
 /// Secret files larger than this are refused (a token is never this big; `/dev/zero` is).
 const MAX_SECRET_FILE: u64 = 64 * 1024;
-const SECTIONS: &[&str] = &["server", "tls", "store", "agents", "webhooks"];
+const SECTIONS: &[&str] = &["server", "tls", "store", "agents", "webhooks", "telegram", "whatsapp", "smtp"];
 
 pub(crate) fn load_text(
     text: &str,
@@ -482,7 +491,10 @@ impl Ctx<'_> {
         let store = self.store(root.get("store"), &server.data_dir);
         let (agents, agent_ids) = self.agents(root.get("agents"));
         let webhooks = self.webhooks(root.get("webhooks"), &agent_ids, server.max_body);
-        Config { source, server, tls, store, agents, webhooks }
+        let telegram = self.telegram(root.get("telegram"), &agent_ids);
+        let whatsapp = self.whatsapp(root.get("whatsapp"), &agent_ids);
+        let smtp = self.smtp(root.get("smtp"), &agent_ids, &server.server_name);
+        Config { source, server, tls, store, agents, webhooks, telegram, whatsapp, smtp }
     }
 
     fn server(&mut self, v: Option<&Value>) -> ServerConfig {

@@ -2,3 +2,5 @@
 
 pub mod fly;
 pub mod scenario;
+pub mod telegram;
+pub mod whatsapp;

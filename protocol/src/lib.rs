@@ -1,6 +1,7 @@
 //! Agent <-> proxy protocol v1: event envelope, frames, framing, TLS trust, and the agent SDK.
 
 pub mod client;
+pub mod email;
 pub mod event;
 pub mod frame;
 pub mod io;

@@ -14,8 +14,11 @@ use concierge_protocol::EventData;
 use concierge_store::{Appended, Store, StoreOptions};
 use concierge_wakeup::ConnectInfo;
 use tokio::sync::watch;
+use tracing::Instrument as _;
+use tracing::field::Empty;
 
 use crate::fleet::{AgentRuntime, Fleet};
+use crate::metrics::{MeteredStore, Metrics};
 use crate::outbound::Outbound;
 use crate::{admin, certs, channels, session, wake};
 
@@ -38,6 +41,8 @@ pub struct App {
     pub fingerprint: String,
     /// Store settings that break promises, shown by the admin API.
     pub warnings: Vec<String>,
+    /// Prometheus metrics, held-connection registry and fleet snapshot.
+    pub metrics: Arc<Metrics>,
     shutting_down: AtomicBool,
 }
 
@@ -52,18 +57,32 @@ impl App {
 #[async_trait]
 impl EventSink for App {
     async fn ingest(&self, event: EventData) -> Result<Ingested, SinkError> {
-        let agent = self
-            .fleet
-            .get(&event.agent)
-            .ok_or_else(|| SinkError::Rejected(format!("unknown agent {}", event.agent)))?;
+        let (kind, name) = (event.channel.kind.as_str(), event.channel.name.as_str());
+        let Some(agent) = self.fleet.get(&event.agent) else {
+            self.metrics.ingested(kind, name, "rejected", None);
+            return Err(SinkError::Rejected(format!("unknown agent {}", event.agent)));
+        };
         let pending = agent.pending();
         if pending >= agent.config.max_pending {
+            self.metrics.ingested(kind, name, "rejected", None);
             return Err(SinkError::Rejected(format!(
                 "buffer full: agent {} has {pending} events pending",
                 event.agent
             )));
         }
-        match self.store.append(&event).await {
+        let span = tracing::info_span!("ingest", agent = %event.agent, channel = kind, route = name, offset = Empty);
+        let started = std::time::Instant::now();
+        let result = self.store.append(&event).instrument(span.clone()).await;
+        let outcome = match &result {
+            Ok(Appended::Stored(_)) => "stored",
+            Ok(Appended::Duplicate(_)) => "duplicate",
+            Err(_) => "unavailable",
+        };
+        self.metrics.ingested(kind, name, outcome, Some(started.elapsed()));
+        if let Ok(a) = &result {
+            span.record("offset", a.offset());
+        }
+        match result {
             Ok(Appended::Stored(offset)) => {
                 agent.stored(offset);
                 Ok(Ingested { offset, duplicate: false })
@@ -112,7 +131,8 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
 
 /// Starts every part of the proxy.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
-    let store = open_store(&config).await?;
+    let metrics = Arc::new(Metrics::new(config.server.metrics_agent_labels));
+    let store: Arc<dyn Store> = Arc::new(MeteredStore::new(open_store(&config).await?, metrics.clone()));
     let warnings = store.warnings().await;
     for w in &warnings {
         tracing::warn!("store: {w}");
@@ -148,6 +168,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         fleet,
         fingerprint: fingerprint.clone(),
         warnings,
+        metrics: metrics.clone(),
         shutting_down: AtomicBool::new(false),
         config,
     });
@@ -169,8 +190,17 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     for (runtime, rx) in inputs {
         let driver = wake::driver(&runtime.config)
             .map_err(|e| anyhow::anyhow!("agent {}: wake driver: {}", runtime.id(), e.message))?;
-        runners.push(wake::spawn(runtime, rx, driver, connect.clone()));
+        runners.push(wake::spawn(runtime, rx, driver, connect.clone(), metrics.clone()));
     }
+    for name in app.config.webhooks.keys() {
+        metrics.connection_state("webhook", name, "listening");
+    }
+    tasks.push(crate::metrics::spawn_collector(
+        metrics.clone(),
+        app.store.clone(),
+        app.fleet.clone(),
+        shutdown_rx.clone(),
+    ));
 
     let sink = app.clone() as Arc<dyn EventSink>;
     tasks.extend(channels::spawn_connections(&app.config, &http, sink.clone(), shutdown_rx.clone()));

@@ -29,6 +29,8 @@ pub fn senders(config: &Config, http: &reqwest::Client) -> Bindings {
             bindings.insert((hook.agent.clone(), ChannelRef::new("webhook", name.clone())), sender);
         }
     }
+    email_senders(config, &mut bindings);
+    chat_senders(config, http, &mut bindings);
     bindings
 }
 
@@ -45,17 +47,20 @@ pub fn ingress(config: &Config, sink: Arc<dyn EventSink>) -> axum::Router {
             reply: reply_target(hook),
         })
         .collect();
-    webhook::router(routes, sink)
+    webhook::router(routes, sink.clone()).merge(chat_ingress(config, sink))
 }
 
 /// Held platform connections (pollers, sockets); each stops when `shutdown` turns true.
 pub fn spawn_connections(
-    _config: &Config,
-    _http: &reqwest::Client,
-    _sink: Arc<dyn EventSink>,
-    _shutdown: watch::Receiver<bool>,
+    config: &Config,
+    http: &reqwest::Client,
+    sink: Arc<dyn EventSink>,
+    shutdown: watch::Receiver<bool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    Vec::new()
+    let mut tasks = Vec::new();
+    tasks.extend(chat_connections(config, http, sink.clone(), shutdown.clone()));
+    tasks.extend(email_listener(config, sink.clone(), shutdown.clone()));
+    tasks
 }
 
 fn verify(v: &concierge_config::Verify) -> Verify {
@@ -75,4 +80,172 @@ fn reply_target(hook: &concierge_config::WebhookConfig) -> Option<ReplyTarget> {
         url: url.clone(),
         secret: hook.reply_secret.as_ref().map(|s| concierge_adapters::signature::secret_bytes(s.expose())),
     })
+}
+
+/// Email: one sender per configured address (its From), when a relay is configured.
+fn email_senders(config: &Config, bindings: &mut Bindings) {
+    use concierge_adapters::smtp::reply::{EmailSender, RelaySettings, RelayTls};
+    let Some(smtp) = &config.smtp else { return };
+    let Some(relay) = &smtp.relay else { return };
+    let settings = Arc::new(RelaySettings {
+        host: relay.host.clone(),
+        port: relay.port,
+        tls: match relay.tls {
+            concierge_config::RelayTls::None => RelayTls::None,
+            concierge_config::RelayTls::StartTls => RelayTls::StartTls,
+            concierge_config::RelayTls::Tls => RelayTls::Tls,
+        },
+        credentials: relay.username.clone().zip(relay.password.as_ref().map(|p| p.expose().to_string())),
+        timeout: relay.timeout,
+        max_attempts: relay.max_attempts,
+        backoff_initial: relay.backoff_initial,
+        hello_name: smtp.hostname.clone(),
+    });
+    for (address, agent) in &smtp.addresses {
+        let sender: Arc<dyn ChannelSender> = Arc::new(EmailSender::new(settings.clone(), address.clone()));
+        bindings.insert((agent.clone(), ChannelRef::new("email", address.clone())), sender);
+    }
+}
+
+/// Email: the inbound SMTP listener, a held connection that stops on `shutdown`.
+fn email_listener(
+    config: &Config,
+    sink: Arc<dyn EventSink>,
+    shutdown: watch::Receiver<bool>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    use concierge_adapters::smtp::{self, AddressBook, ServerSettings, SessionConfig};
+    let smtp = config.smtp.as_ref()?;
+    let tls = match &smtp.tls {
+        None => None,
+        Some(files) => match smtp::tls_config(&files.cert, &files.key) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::error!(error = %e, "SMTP STARTTLS disabled: the certificate could not be loaded");
+                None
+            }
+        },
+    };
+    let trusted = smtp.trusted_relays.clone();
+    let settings = Arc::new(ServerSettings {
+        session: Arc::new(SessionConfig {
+            hostname: smtp.hostname.clone(),
+            max_message_size: usize::try_from(smtp.max_message_size).unwrap_or(usize::MAX),
+            max_recipients: smtp.max_recipients,
+            max_line_length: smtp.max_line_length,
+            max_errors: smtp.max_errors,
+            starttls: tls.is_some(),
+            addresses: AddressBook::new(smtp.addresses.clone()),
+        }),
+        max_connections: smtp.max_connections,
+        max_connections_per_ip: smtp.max_connections_per_ip,
+        command_timeout: smtp.command_timeout,
+        session_timeout: smtp.session_timeout,
+        greeting_delay: smtp.greeting_delay,
+        tls,
+        trusted_peer: Arc::new(move |ip| trusted.iter().any(|n| n.contains(ip))),
+        authserv_id: smtp.authserv_id.clone(),
+    });
+    // Bound synchronously so a taken port is reported at start-up, next to the other listeners.
+    let listener = match std::net::TcpListener::bind(smtp.listen)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .and_then(tokio::net::TcpListener::from_std)
+    {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(listen = %smtp.listen, error = %e, "SMTP listener could not bind; email is not received");
+            return None;
+        }
+    };
+    tracing::info!(listen = %smtp.listen, "SMTP listener ready");
+    Some(tokio::spawn(smtp::serve(listener, settings, sink, shutdown)))
+}
+
+fn telegram_bot(name: &str, bot: &concierge_config::TelegramConfig) -> concierge_adapters::telegram::Bot {
+    concierge_adapters::telegram::Bot {
+        name: name.to_string(),
+        agent: bot.agent.clone(),
+        token: bot.token.expose().to_string(),
+        api_base: bot.api_base.clone(),
+    }
+}
+
+/// Telegram and WhatsApp senders: one per bot / phone number, bound to its agent.
+fn chat_senders(config: &Config, http: &reqwest::Client, bindings: &mut Bindings) {
+    use concierge_adapters::{telegram, whatsapp};
+    for (name, bot) in &config.telegram {
+        let pacing = telegram::Pacing { chat_interval: bot.chat_interval, bot_rate: bot.bot_rate };
+        let sender = telegram::TelegramSender::new(http.clone(), telegram_bot(name, bot), pacing);
+        bindings.insert((bot.agent.clone(), ChannelRef::new("telegram", name.clone())), Arc::new(sender));
+    }
+    for (name, wa) in &config.whatsapp {
+        let target = whatsapp::SendTarget {
+            graph_base: wa.graph_base.clone(),
+            api_version: wa.api_version.clone(),
+            phone_number_id: wa.phone_number_id.clone(),
+            access_token: wa.access_token.expose().to_string(),
+        };
+        let sender = whatsapp::WhatsAppSender::new(http.clone(), target);
+        bindings.insert((wa.agent.clone(), ChannelRef::new("whatsapp", name.clone())), Arc::new(sender));
+    }
+}
+
+/// `POST /telegram/{bot}` for webhook-mode bots and `GET|POST /whatsapp/{name}`.
+fn chat_ingress(config: &Config, sink: Arc<dyn EventSink>) -> axum::Router {
+    use concierge_adapters::{telegram, whatsapp};
+    let max_body = usize::try_from(config.server.max_body).unwrap_or(usize::MAX);
+    let bots = config
+        .telegram
+        .iter()
+        .filter(|(_, b)| b.mode == concierge_config::TelegramMode::Webhook)
+        .map(|(name, b)| telegram::WebhookBot {
+            bot: telegram_bot(name, b),
+            secret: b.webhook_secret.as_ref().map(|s| s.expose().to_string()).unwrap_or_default(),
+        })
+        .collect();
+    let numbers = config
+        .whatsapp
+        .iter()
+        .map(|(name, w)| whatsapp::Number {
+            name: name.clone(),
+            agent: w.agent.clone(),
+            app_secret: w.app_secret.expose().as_bytes().to_vec(),
+            verify_token: w.verify_token.expose().to_string(),
+        })
+        .collect();
+    telegram::router(bots, sink.clone(), max_body).merge(whatsapp::router(numbers, sink, max_body))
+}
+
+/// Telegram long pollers (one task per bot) and start-up `setWebhook` calls.
+fn chat_connections(
+    config: &Config,
+    http: &reqwest::Client,
+    sink: Arc<dyn EventSink>,
+    shutdown: watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    use concierge_adapters::telegram;
+    use concierge_config::TelegramMode;
+    let mut tasks = Vec::new();
+    for (name, bot) in &config.telegram {
+        match bot.mode {
+            TelegramMode::Poll => {
+                let options =
+                    telegram::PollOptions { allowed_updates: bot.allowed_updates.clone(), timeout: bot.poll_timeout };
+                let b = telegram_bot(name, bot);
+                tasks.push(telegram::spawn_poller(http.clone(), b, options, sink.clone(), shutdown.clone()));
+            }
+            TelegramMode::Webhook if bot.set_webhook => {
+                let (Some(public), Some(secret)) = (&bot.public_url, &bot.webhook_secret) else { continue };
+                tasks.push(telegram::spawn_set_webhook(
+                    http.clone(),
+                    telegram_bot(name, bot),
+                    format!("{public}/telegram/{name}"),
+                    secret.expose().to_string(),
+                    bot.allowed_updates.clone(),
+                    shutdown.clone(),
+                ));
+            }
+            TelegramMode::Webhook => {}
+        }
+    }
+    tasks
 }

@@ -2,7 +2,7 @@
 //! current session, and a handle to its lifecycle runner. The store stays the truth; this is
 //! what lets ingress, sessions, the wake runner and the admin API meet without polling.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -46,7 +46,16 @@ pub struct AgentRuntime {
     view: Mutex<LifecycleView>,
     session: Mutex<Option<SessionControl>>,
     session_closed: watch::Sender<u64>,
+    /// Operator pause: sessions deliver nothing while true (the agent may stay connected).
+    paused: watch::Sender<bool>,
+    /// Highest offset delivered by this process (tells redeliveries apart for metrics).
+    delivered_up_to: AtomicU64,
+    /// Finished wakes, newest last, for the dashboard's wake timeline.
+    wake_history: Mutex<VecDeque<WakeRecord>>,
 }
+
+/// Finished wakes kept per agent for the dashboard.
+const WAKE_HISTORY: usize = 50;
 
 impl AgentRuntime {
     /// Creates the runtime; the returned receiver feeds the lifecycle runner.
@@ -61,6 +70,9 @@ impl AgentRuntime {
             view: Mutex::new(view),
             session: Mutex::new(None),
             session_closed: watch::channel(0).0,
+            paused: watch::channel(false).0,
+            delivered_up_to: AtomicU64::new(0),
+            wake_history: Mutex::new(VecDeque::new()),
         });
         (runtime, inputs)
     }
@@ -111,9 +123,54 @@ impl AgentRuntime {
         lock(&self.view).clone()
     }
 
-    /// Written by the runner after each step.
+    /// Written by the runner after each step; a wake replaced by a newer one joins the history.
     pub fn set_view(&self, view: LifecycleView) {
-        *lock(&self.view) = view;
+        let previous = std::mem::replace(&mut *lock(&self.view), view.clone());
+        if let Some(old) = previous.last_wake
+            && view.last_wake.as_ref().is_none_or(|new| new.started_at_ms != old.started_at_ms)
+        {
+            let mut history = lock(&self.wake_history);
+            if history.len() >= WAKE_HISTORY {
+                history.pop_front();
+            }
+            history.push_back(old);
+        }
+    }
+
+    /// Finished wakes before the current or last one (oldest first).
+    pub fn wake_history(&self) -> Vec<WakeRecord> {
+        lock(&self.wake_history).iter().cloned().collect()
+    }
+
+    /// Highest acknowledged offset known to this process.
+    pub fn cursor(&self) -> u64 {
+        self.cursor.load(Ordering::Relaxed)
+    }
+
+    /// Records an operator rewind (the cursor moved back): pending work may wake the agent.
+    pub fn rewound(&self, cursor: u64) {
+        self.cursor.store(cursor, Ordering::Relaxed);
+        self.input(Input::EventStored);
+    }
+
+    /// Records a delivered batch ending at `last`; returns the previous high-water mark.
+    pub fn note_delivered(&self, last: u64) -> u64 {
+        self.delivered_up_to.fetch_max(last, Ordering::Relaxed)
+    }
+
+    /// Pauses or resumes delivery; returns whether it changed.
+    pub fn set_paused(&self, paused: bool) -> bool {
+        self.paused.send_if_modified(|p| std::mem::replace(p, paused) != paused)
+    }
+
+    /// Whether delivery is paused by an operator.
+    pub fn paused(&self) -> bool {
+        *self.paused.borrow()
+    }
+
+    /// Subscribes to pause changes (sessions resume delivery on this).
+    pub fn watch_paused(&self) -> watch::Receiver<bool> {
+        self.paused.subscribe()
     }
 
     /// Installs a new session, closing the one it supersedes.

@@ -4,9 +4,11 @@
 pub mod admin;
 pub mod app;
 pub mod certs;
+pub mod dashboard;
 pub mod channels;
 pub mod fleet;
 pub mod lifecycle;
+pub mod metrics;
 pub mod outbound;
 pub mod session;
 pub mod wake;

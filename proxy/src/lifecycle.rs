@@ -168,6 +168,8 @@ pub struct Lifecycle {
     deadline: Option<Instant>,
     attempt: u32,
     driver_in_flight: bool,
+    /// A new wake began while an old driver call was still running: call again when it returns.
+    call_when_returned: bool,
     pending: bool,
     sleeping_requested: bool,
     current: Option<WakeRecord>,
@@ -185,6 +187,7 @@ impl Lifecycle {
             deadline: None,
             attempt: 0,
             driver_in_flight: false,
+            call_when_returned: false,
             pending,
             sleeping_requested: false,
             current: None,
@@ -295,6 +298,8 @@ impl Lifecycle {
 
     fn attempt_now(&mut self, now: Instant) -> Vec<Action> {
         if self.driver_in_flight {
+            // Single-flight: the running call's result belongs to an earlier wake.
+            self.call_when_returned = true;
             return Vec::new();
         }
         self.attempt += 1;
@@ -311,6 +316,10 @@ impl Lifecycle {
 
     fn on_driver_returned(&mut self, result: Result<(), DriverFailure>, now: Instant) -> Vec<Action> {
         self.driver_in_flight = false;
+        if std::mem::take(&mut self.call_when_returned) {
+            // That result answered a previous wake; this wake has not called the driver yet.
+            return if self.state == State::Waking { self.attempt_now(now) } else { Vec::new() };
+        }
         if self.state != State::Waking {
             return Vec::new(); // the agent connected before the driver returned, or was woken otherwise
         }
@@ -549,7 +558,15 @@ mod tests {
         assert_eq!(at, t + Duration::from_secs(30));
         assert_eq!(m.handle(Input::Timer, at), vec![Action::Sleep]);
         m.handle(Input::EventStored, at);
-        assert_eq!(m.handle(Input::Disconnected, at), vec![Action::CallDriver { attempt: 1 }]);
+        // The first wake's driver call is still running (the agent connected before it
+        // returned): the new wake calls the driver as soon as that stale call returns.
+        assert!(m.handle(Input::Disconnected, at).is_empty());
+        assert_eq!(m.state(), State::Waking);
+        let stale = Input::DriverReturned(Err(DriverFailure { message: "killed".into(), retryable: true }));
+        assert_eq!(m.handle(stale, at), vec![Action::CallDriver { attempt: 1 }]);
+        assert_eq!(m.last_error(), None, "the stale failure is not this wake's");
+        assert!(m.handle(Input::DriverReturned(Ok(())), at).is_empty());
+        assert_eq!(m.deadline(), Some(at + Duration::from_secs(10)), "now waiting for the agent to connect");
     }
 
     #[test]

@@ -9,6 +9,8 @@ use concierge_protocol::frame::SUPPORTED_VERSIONS;
 use concierge_protocol::io::{FrameReader, IoError, write_frame};
 use concierge_protocol::{RejectCode, SendResult, ToAgent, ToProxy};
 use tokio::sync::watch;
+use tracing::Instrument as _;
+use tracing::field::Empty;
 
 use crate::app::App;
 use crate::fleet::{AgentRuntime, SessionControl};
@@ -153,16 +155,22 @@ async fn deliver(
     };
     write_frame(send, &welcome).await?;
     let mut head = agent.watch_head();
+    let mut paused = agent.watch_paused();
     let mut delivered_any = false;
     let mut draining = false;
     loop {
-        // Fill the window from the log.
-        while !draining && sent < *head.borrow_and_update() && sent - acked < window {
+        // Fill the window from the log (nothing while an operator paused delivery).
+        while !draining && !*paused.borrow_and_update() && sent < *head.borrow_and_update() && sent - acked < window {
             let room = (window - (sent - acked)).min(MAX_BATCH as u64) as usize;
-            let events = read_batch(app, agent.id(), sent, room).await?;
+            // Replay span: its agent + offset range links it to the ingest spans of those offsets.
+            let span = tracing::debug_span!("replay", agent = agent.id(), session, from = sent + 1, to = Empty);
+            let events = read_batch(app, agent.id(), sent, room).instrument(span.clone()).await?;
             let Some(last) = events.last() else { break };
             sent = last.offset;
-            write_frame(send, &ToAgent::Deliver { events }).await?;
+            span.record("to", sent);
+            let timings: Vec<(u64, u64)> = events.iter().map(|e| (e.offset, e.data.received_at_ms)).collect();
+            write_frame(send, &ToAgent::Deliver { events }).instrument(span).await?;
+            app.metrics.delivered(&timings, agent.note_delivered(sent));
             if !delivered_any {
                 delivered_any = true;
                 agent.input(Input::Delivered);
@@ -190,6 +198,7 @@ async fn deliver(
                 None => return Ok(()),
             },
             changed = head.changed() => if changed.is_err() { return Ok(()) },
+            changed = paused.changed() => if changed.is_err() { return Ok(()) },
             changed = drain.changed(), if !draining => {
                 let asked = changed.is_ok() && *drain.borrow();
                 // A dropped sender means this session was superseded: stop delivering too.

@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 
 use crate::fleet::{AgentRuntime, LifecycleView};
 use crate::lifecycle::{Action, DriverFailure, Input, Lifecycle, Policy, Settings, State};
+use crate::metrics::Metrics;
 
 /// How long a drained agent gets to disconnect before its session is closed.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
@@ -66,13 +67,14 @@ pub fn spawn(
     mut inputs: mpsc::UnboundedReceiver<Input>,
     driver: Option<Arc<dyn WakeDriver>>,
     connect: ConnectInfo,
+    metrics: Arc<Metrics>,
 ) -> tokio::task::JoinHandle<()> {
     let mut machine = Lifecycle::new(settings(&agent.config), agent.pending() > 0);
     let loopback = agent.clone();
     tokio::spawn(async move {
         let actions = machine.start(Instant::now());
         perform(&agent, &driver, &connect, actions);
-        publish(&agent, &machine);
+        publish(&agent, &machine, &metrics);
         loop {
             let deadline = machine.deadline();
             let input = tokio::select! {
@@ -81,7 +83,7 @@ pub fn spawn(
             };
             let actions = machine.handle(input, Instant::now());
             perform(&loopback, &driver, &connect, actions);
-            publish(&agent, &machine);
+            publish(&agent, &machine, &metrics);
         }
     })
 }
@@ -93,8 +95,14 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-fn publish(agent: &AgentRuntime, machine: &Lifecycle) {
+fn publish(agent: &AgentRuntime, machine: &Lifecycle, metrics: &Metrics) {
     let now = Instant::now();
+    let before = agent.view().last_wake;
+    if let Some(w) = machine.last_wake().filter(|w| w.outcome != "in_progress")
+        && before.is_none_or(|b| b.started_at_ms != w.started_at_ms || b.outcome != w.outcome)
+    {
+        metrics.wake_finished(w);
+    }
     agent.set_view(LifecycleView {
         state: machine.state(),
         last_wake: machine.last_wake().cloned(),
@@ -121,7 +129,8 @@ fn perform(
                     connect: connect.clone(),
                 };
                 let cap = agent.config.wake.connect_timeout.max(Duration::from_secs(60));
-                tokio::spawn(async move {
+                let span = tracing::info_span!("wake", agent = agent.id(), attempt);
+                spawn_in(span, async move {
                     let result = match driver {
                         None => Err(DriverFailure {
                             message: "no wake driver configured; waiting for the agent to connect".into(),
@@ -161,6 +170,11 @@ fn perform(
             }
         }
     }
+}
+
+/// Spawns `task` inside `span` (the `wake` span of one driver call).
+fn spawn_in(span: tracing::Span, task: impl Future<Output = ()> + Send + 'static) {
+    tokio::spawn(tracing::Instrument::instrument(task, span));
 }
 
 /// Drains the session, stops the compute where the driver can, and verifies it went away.

@@ -290,10 +290,9 @@ async fn bad_webhooks_are_refused_and_store_nothing() {
 
     // Chunked, so there is no Content-Length to refuse by: the limit holds while reading.
     let mut tcp = tokio::net::TcpStream::connect(&proxy.http).await.unwrap();
-    let mut request = format!(
-        "POST /hooks/a/small HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
-    )
-    .into_bytes();
+    let mut request =
+        b"POST /hooks/a/small HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            .to_vec();
     for chunk in big.as_bytes().chunks(500) {
         request.extend(format!("{:x}\r\n", chunk.len()).as_bytes());
         request.extend(chunk);

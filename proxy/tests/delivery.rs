@@ -16,10 +16,7 @@ fn config(dir: &std::path::Path) -> std::path::PathBuf {
 }
 
 async fn post_n(proxy: &Proxy, n: usize) {
-    for i in 1..=n {
-        let (status, _) = proxy.post("a", "in", &format!("{{\"text\":\"m{i}\"}}"), Some(&format!("k{i}"))).await;
-        assert_eq!(status, 202);
-    }
+    post_n_from(proxy, 1, n).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

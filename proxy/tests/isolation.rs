@@ -39,7 +39,13 @@ fn sink_count(sink: &Sink, key: &str) -> usize {
 async fn wrong_token_and_unknown_agent_get_the_same_answer() {
     let dir = tempfile::tempdir().unwrap();
     let sink = Sink::start().await;
-    let config = write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &two_agents(&sink));
+    // Agent `c` has a token of its own: each token opens only its own agent.
+    let c_token = "c-token-abcdefghijklmnop";
+    let body = format!(
+        "{}[agents.c]\ntoken = \"{c_token}\"\n[agents.c.wake]\ndriver = \"none\"\npolicy = \"never\"\n",
+        two_agents(&sink)
+    );
+    let config = write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &body);
     let proxy = Proxy::start(&config);
     let reject = |r: Result<AgentClient, ClientError>| match r {
         Ok(_) => panic!("session accepted"),
@@ -51,6 +57,14 @@ async fn wrong_token_and_unknown_agent_get_the_same_answer() {
     let (code, unknown) = reject(AgentClient::connect(proxy.client_options("nobody", TOKEN)).await);
     assert_eq!(code, RejectCode::Unauthorized);
     assert_eq!(wrong_token, unknown, "no probing: the same message for both");
+    let (code, cross) = reject(AgentClient::connect(proxy.client_options("a", c_token)).await);
+    assert_eq!((code, &cross), (RejectCode::Unauthorized, &unknown), "c's token does not open a");
+    let (code, cross) = reject(AgentClient::connect(proxy.client_options("c", TOKEN)).await);
+    assert_eq!((code, &cross), (RejectCode::Unauthorized, &unknown), "a's token does not open c");
+    let c = AgentClient::connect(proxy.client_options("c", c_token)).await.expect("c's own token works");
+    assert_eq!(proxy.agent("c").await["connected"], true);
+    c.close().await;
+    assert!(!proxy.log().contains(c_token), "tokens never appear in logs");
     assert!(!proxy.agent("a").await["connected"].as_bool().unwrap());
 }
 

@@ -1,0 +1,1010 @@
+//! Telegram Bot API: long polling, webhook ingress, and paced sends.
+//!
+//! **Client.** A thin reqwest client of our own against a configurable `api_base`, not
+//! teloxide: we need exactly four methods' shapes, the raw JSON of every update byte for byte
+//! (teloxide-core's `Update` is a large typed tree that re-serializes differently), and a few
+//! hundred bytes of state per idle bot (a poller here is one task holding a shared client).
+//! teloxide's Dispatcher is out anyway: it reads ahead of our store writes.
+//!
+//! **Long polling (promise 1).** One task per bot calls `getUpdates` with `offset`, `timeout`
+//! and `allowed_updates`. Every update of a batch goes to the [`EventSink`] in order; only
+//! when all of them are stored does the next call carry `offset = max(update_id) + 1`, which
+//! is what confirms them to Telegram. If a write fails the offset stays, Telegram returns the
+//! same updates again and the dedupe key `tg:<bot id>:<update_id>` drops those already stored.
+//! Errors back off exponentially (1 s to 60 s); `409 Conflict` (another poller, or a webhook is
+//! set) is logged as an error, shown in [`poller_statuses`], and retried only every 30 s;
+//! `401`/`404` (bad token) every 5 minutes. The loop ends when the shutdown watch turns true.
+//!
+//! **Webhook mode.** `POST /telegram/{bot}`: the `X-Telegram-Bot-Api-Secret-Token` header is
+//! compared in constant time (401 otherwise), the body bounded (413), the update stored, and
+//! only then 200. A store failure is 503 and Telegram retries.
+//!
+//! **Sends.** The agent's `SendRequest.body` is plain text (a `sendMessage` to the
+//! conversation) or a JSON object `{"method": "...", ...parameters}` for any method in
+//! [`SEND_METHODS`] (`sendMessage` with `reply_parameters`, `sendChatAction`,
+//! `editMessageText`, ...); `chat_id` and the forum `message_thread_id` default to the
+//! conversation. Sends are queued per chat (FIFO, at least `chat_interval` apart) and per bot
+//! (at most `bot_rate` calls per second), so a burst is slowed, never dropped; a `429` waits
+//! `parameters.retry_after` and tries again (a 429 means nothing was sent).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use concierge_protocol::{Attachment, ChannelRef, EventData, SendRequest, SendResult, now_ms};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::http_util;
+use crate::{ChannelSender, EventSink, SinkError};
+
+/// Telegram's API base URL.
+pub const DEFAULT_API_BASE: &str = "https://api.telegram.org";
+/// Header Telegram sets on webhook deliveries to the `secret_token` given to `setWebhook`.
+pub const SECRET_HEADER: &str = "x-telegram-bot-api-secret-token";
+/// Methods an agent may call through a JSON body: chat actions only, never methods that would
+/// change how Concierge receives updates (`setWebhook`, `deleteWebhook`, `close`, `logOut`...).
+pub const SEND_METHODS: &[&str] = &[
+    "sendMessage",
+    "sendChatAction",
+    "editMessageText",
+    "editMessageReplyMarkup",
+    "editMessageCaption",
+    "deleteMessage",
+    "forwardMessage",
+    "copyMessage",
+    "sendPhoto",
+    "sendDocument",
+    "sendAudio",
+    "sendVideo",
+    "sendVoice",
+    "sendSticker",
+    "sendLocation",
+    "sendPoll",
+    "sendDice",
+    "answerCallbackQuery",
+    "setMessageReaction",
+    "pinChatMessage",
+    "unpinChatMessage",
+];
+
+/// Largest `getUpdates` / method response read (100 updates of a few KB each fit easily).
+const MAX_RESPONSE: usize = 16 * 1024 * 1024;
+/// Updates per `getUpdates` call (Telegram's maximum).
+const POLL_LIMIT: u32 = 100;
+/// Extra time over the long-poll timeout before a poll request is abandoned.
+const POLL_SLACK: Duration = Duration::from_secs(15);
+const BACKOFF_INITIAL: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// Wait after `409 Conflict`: long, because another process owns the bot until an operator acts.
+const CONFLICT_BACKOFF: Duration = Duration::from_secs(30);
+/// Wait after `401`/`404`: the token is wrong; only a configuration change fixes it.
+const UNAUTHORIZED_BACKOFF: Duration = Duration::from_secs(300);
+/// Timeout of one send call.
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// 429 retries of one send before it is reported as `rate_limited`.
+const MAX_RATE_RETRIES: u32 = 5;
+/// Longest `retry_after` a send waits out itself; longer ones go back to the agent.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+/// Sends waiting in one bot's queues before new ones are refused with `queue_full` (promise 5).
+const MAX_QUEUED_SENDS: usize = 10_000;
+/// Per-chat pacing entries kept before idle ones are pruned.
+const MAX_CHAT_ENTRIES: usize = 4096;
+
+/// One bot's identity: the config name, its agent, and where its API is.
+#[derive(Clone)]
+pub struct Bot {
+    /// Name from the configuration; the event's channel name.
+    pub name: String,
+    /// The agent that receives this bot's updates.
+    pub agent: String,
+    /// `<bot id>:<secret>`; it appears only in request URLs, never in logs or errors.
+    pub token: String,
+    /// Bot API base URL without a trailing slash.
+    pub api_base: String,
+}
+
+impl fmt::Debug for Bot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Bot")
+            .field("name", &self.name)
+            .field("agent", &self.agent)
+            .field("token", &"[redacted]")
+            .field("api_base", &self.api_base)
+            .finish()
+    }
+}
+
+impl Bot {
+    /// The public numeric bot id (the token's part before `:`), stable across config renames,
+    /// so it keys deduplication.
+    pub fn id(&self) -> &str {
+        self.token.split_once(':').map_or(self.name.as_str(), |(id, _)| id)
+    }
+
+    fn url(&self, method: &str) -> String {
+        format!("{}/bot{}/{method}", self.api_base, self.token)
+    }
+
+    fn channel(&self) -> ChannelRef {
+        ChannelRef::new("telegram", self.name.clone())
+    }
+}
+
+// ---- Bot API calls ------------------------------------------------------------------------
+
+/// What a Bot API call can fail with. Messages never contain the token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiError {
+    /// No HTTP answer. `sent` is false when the request surely never left (connect failed).
+    Transport {
+        /// Whether the request may have reached Telegram.
+        sent: bool,
+        /// What happened.
+        message: String,
+    },
+    /// Telegram answered `ok: false`.
+    Api {
+        /// `error_code` (the HTTP status, by Telegram's convention).
+        code: i64,
+        /// `description`.
+        description: String,
+        /// `parameters.retry_after` on 429.
+        retry_after: Option<u64>,
+        /// `parameters.migrate_to_chat_id` when a group became a supergroup.
+        migrate_to_chat_id: Option<i64>,
+    },
+    /// The answer was not the Bot API's JSON envelope.
+    Decode(String),
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ApiError::Transport { message, .. } => write!(f, "transport error: {message}"),
+            ApiError::Api { code, description, .. } => write!(f, "Telegram error {code}: {description}"),
+            ApiError::Decode(m) => write!(f, "unexpected answer from Telegram: {m}"),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    ok: bool,
+    #[serde(borrow)]
+    result: Option<&'a RawValue>,
+    error_code: Option<i64>,
+    description: Option<String>,
+    parameters: Option<ResponseParameters>,
+}
+
+#[derive(Deserialize)]
+struct ResponseParameters {
+    retry_after: Option<u64>,
+    migrate_to_chat_id: Option<i64>,
+}
+
+/// Calls `method` with a JSON body and hands the raw `result` to `f`.
+async fn call<T>(
+    http: &reqwest::Client,
+    bot: &Bot,
+    method: &str,
+    params: &impl Serialize,
+    timeout: Duration,
+    f: impl FnOnce(&RawValue) -> Result<T, String>,
+) -> Result<T, ApiError> {
+    let resp = http.post(bot.url(method)).json(params).timeout(timeout).send().await.map_err(|e| {
+        ApiError::Transport { sent: !(e.is_connect() || e.is_builder()), message: e.without_url().to_string() }
+    })?;
+    let status = resp.status();
+    let body = http_util::read_response(resp, MAX_RESPONSE)
+        .await
+        .map_err(|message| ApiError::Transport { sent: true, message })?;
+    let env: Envelope<'_> = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::Decode(format!("HTTP {status}, body is not a Bot API response: {e}")))?;
+    if env.ok {
+        let result = env.result.ok_or_else(|| ApiError::Decode("ok without result".into()))?;
+        return f(result).map_err(ApiError::Decode);
+    }
+    Err(ApiError::Api {
+        code: env.error_code.unwrap_or(i64::from(status.as_u16())),
+        description: env.description.unwrap_or_default(),
+        retry_after: env.parameters.as_ref().and_then(|p| p.retry_after),
+        migrate_to_chat_id: env.parameters.as_ref().and_then(|p| p.migrate_to_chat_id),
+    })
+}
+
+/// `setWebhook`: points Telegram at `url` with `secret_token`, for the given update kinds.
+pub async fn set_webhook(
+    http: &reqwest::Client,
+    bot: &Bot,
+    url: &str,
+    secret_token: &str,
+    allowed_updates: &[String],
+) -> Result<(), ApiError> {
+    let params = serde_json::json!({ "url": url, "secret_token": secret_token, "allowed_updates": allowed_updates });
+    call(http, bot, "setWebhook", &params, SEND_TIMEOUT, |_| Ok(())).await
+}
+
+/// Calls `setWebhook` until it succeeds (at most 10 attempts, backing off), logging failures.
+pub fn spawn_set_webhook(
+    http: reqwest::Client,
+    bot: Bot,
+    url: String,
+    secret_token: String,
+    allowed_updates: Vec<String>,
+    mut shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut backoff = Backoff::new();
+        for attempt in 1..=10 {
+            match set_webhook(&http, &bot, &url, &secret_token, &allowed_updates).await {
+                Ok(()) => {
+                    tracing::info!(bot = %bot.name, "telegram webhook set");
+                    return;
+                }
+                Err(e) => tracing::error!(bot = %bot.name, attempt, error = %e, "setWebhook failed"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.next()) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+        tracing::error!(bot = %bot.name, "giving up on setWebhook after 10 attempts; set the webhook by hand");
+    })
+}
+
+// ---- long polling -------------------------------------------------------------------------
+
+/// What an operator should know about one bot's poller (for logs, the API and the dashboard).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PollStatus {
+    /// `starting`, `polling`, `backoff`, `conflict`, `unauthorized` or `stopped`.
+    pub state: &'static str,
+    /// The last error, if the poller is not healthy.
+    pub error: Option<String>,
+    /// The next `offset` sent to Telegram (everything below it is confirmed).
+    pub offset: Option<i64>,
+    /// Updates stored by this poller since start (duplicates excluded).
+    pub stored: u64,
+}
+
+static STATUSES: LazyLock<Mutex<BTreeMap<String, PollStatus>>> = LazyLock::new(Mutex::default);
+
+/// A snapshot of every poller's status by bot name, for the admin API and dashboard.
+pub fn poller_statuses() -> BTreeMap<String, PollStatus> {
+    STATUSES.lock().map(|s| s.clone()).unwrap_or_default()
+}
+
+fn set_status(bot: &str, f: impl FnOnce(&mut PollStatus)) {
+    if let Ok(mut all) = STATUSES.lock() {
+        let status = all.entry(bot.to_string()).or_insert(PollStatus {
+            state: "starting",
+            error: None,
+            offset: None,
+            stored: 0,
+        });
+        f(status);
+    }
+}
+
+/// Long-poll settings of one bot.
+#[derive(Clone, Debug)]
+pub struct PollOptions {
+    /// `allowed_updates` (empty = Telegram's default set; always sent, because an omitted list
+    /// means "keep whatever was set last").
+    pub allowed_updates: Vec<String>,
+    /// `timeout` of `getUpdates`, whole seconds.
+    pub timeout: Duration,
+}
+
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff { next: BACKOFF_INITIAL }
+    }
+    fn reset(&mut self) {
+        self.next = BACKOFF_INITIAL;
+    }
+    /// The delay to wait now, with ±20 % jitter so many bots do not retry in lockstep.
+    fn next(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        d.mul_f64(0.8 + rand::random::<f64>() * 0.4)
+    }
+}
+
+/// Starts the long-poll loop of one bot; it stops when `shutdown` turns true.
+pub fn spawn_poller(
+    http: reqwest::Client,
+    bot: Bot,
+    options: PollOptions,
+    sink: Arc<dyn EventSink>,
+    shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    set_status(&bot.name, |s| *s = PollStatus { state: "starting", error: None, offset: None, stored: 0 });
+    tokio::spawn(poll_loop(http, bot, options, sink, shutdown))
+}
+
+#[derive(Serialize)]
+struct GetUpdates<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<i64>,
+    limit: u32,
+    timeout: u64,
+    allowed_updates: &'a [String],
+}
+
+async fn poll_loop(
+    http: reqwest::Client,
+    bot: Bot,
+    options: PollOptions,
+    sink: Arc<dyn EventSink>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    // No offset on the first call: Telegram returns every unconfirmed update, so a restart
+    // picks up exactly what the previous process had not confirmed.
+    let mut offset: Option<i64> = None;
+    let mut backoff = Backoff::new();
+    let timeout = options.timeout + POLL_SLACK;
+    tracing::info!(bot = %bot.name, agent = %bot.agent, "telegram long polling started");
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        let params =
+            GetUpdates { offset, limit: POLL_LIMIT, timeout: options.timeout.as_secs(), allowed_updates: &options.allowed_updates };
+        let polled = tokio::select! {
+            r = call(&http, &bot, "getUpdates", &params, timeout, |raw| {
+                serde_json::from_str::<Vec<Box<RawValue>>>(raw.get()).map_err(|e| format!("result is not an array of updates: {e}"))
+            }) => r,
+            _ = shutdown.changed() => break,
+        };
+        let delay = match polled {
+            Ok(updates) if updates.is_empty() => {
+                backoff.reset();
+                set_status(&bot.name, |s| {
+                    s.state = "polling";
+                    s.error = None;
+                });
+                None
+            }
+            Ok(updates) => match store_batch(&bot, &updates, sink.as_ref()).await {
+                Ok(Some((next, stored))) => {
+                    backoff.reset();
+                    offset = Some(next);
+                    set_status(&bot.name, |s| {
+                        s.state = "polling";
+                        s.error = None;
+                        s.offset = offset;
+                        s.stored += stored;
+                    });
+                    None
+                }
+                Ok(None) => {
+                    // Updates without an update_id can never be confirmed; do not spin on them.
+                    tracing::error!(bot = %bot.name, "getUpdates returned updates without update_id");
+                    Some(backoff.next())
+                }
+                Err(e) => {
+                    tracing::warn!(bot = %bot.name, error = %e, "telegram updates not stored; offset not advanced, Telegram will redeliver");
+                    set_status(&bot.name, |s| {
+                        s.state = "backoff";
+                        s.error = Some(e.to_string());
+                    });
+                    Some(backoff.next())
+                }
+            },
+            Err(e) => Some(poll_error_delay(&bot, &e, &mut backoff)),
+        };
+        if let Some(delay) = delay {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.changed() => break,
+            }
+        }
+    }
+    set_status(&bot.name, |s| s.state = "stopped");
+    tracing::info!(bot = %bot.name, "telegram long polling stopped");
+}
+
+/// Logs a failed `getUpdates` and says how long to wait before the next one.
+fn poll_error_delay(bot: &Bot, e: &ApiError, backoff: &mut Backoff) -> Duration {
+    let (state, delay) = match e {
+        ApiError::Api { code: 409, .. } => {
+            tracing::error!(bot = %bot.name, error = %e, "telegram 409 Conflict: another process polls this bot token, or a webhook is set; retrying every {}s", CONFLICT_BACKOFF.as_secs());
+            ("conflict", CONFLICT_BACKOFF)
+        }
+        ApiError::Api { code: 401 | 404, .. } => {
+            tracing::error!(bot = %bot.name, error = %e, "telegram rejects the bot token; check [telegram.{}].token", bot.name);
+            ("unauthorized", UNAUTHORIZED_BACKOFF)
+        }
+        ApiError::Api { code: 429, retry_after, .. } => {
+            tracing::warn!(bot = %bot.name, error = %e, "telegram rate-limits getUpdates");
+            ("backoff", Duration::from_secs(retry_after.unwrap_or(5).clamp(1, 300)))
+        }
+        _ => {
+            let d = backoff.next();
+            tracing::warn!(bot = %bot.name, error = %e, retry_in_ms = d.as_millis() as u64, "getUpdates failed");
+            ("backoff", d)
+        }
+    };
+    set_status(&bot.name, |s| {
+        s.state = state;
+        s.error = Some(e.to_string());
+    });
+    delay
+}
+
+/// Stores a batch in order; returns the next offset and how many were new, `None` if no update
+/// had an id. Any sink failure stops the batch: the offset must not move past it.
+async fn store_batch(bot: &Bot, updates: &[Box<RawValue>], sink: &dyn EventSink) -> Result<Option<(i64, u64)>, SinkError> {
+    let mut max_id: Option<i64> = None;
+    let mut stored = 0;
+    for raw in updates {
+        match update_event(bot, raw.get(), now_ms()) {
+            Ok((id, event)) => {
+                let ingested = sink.ingest(event).await?;
+                stored += u64::from(!ingested.duplicate);
+                max_id = Some(max_id.map_or(id, |m| m.max(id)));
+            }
+            Err(e) => tracing::error!(bot = %bot.name, error = %e, "skipping a malformed telegram update"),
+        }
+    }
+    Ok(max_id.map(|m| (m.saturating_add(1), stored)))
+}
+
+// ---- updates -> events --------------------------------------------------------------------
+
+fn id_text(v: &Value) -> Option<String> {
+    match v {
+        Value::Number(n) => Some(n.to_string()),
+        Value::String(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// Turns one raw update into an event: `(update_id, event)`. The raw JSON is kept as given.
+pub fn update_event(bot: &Bot, raw: &str, now: u64) -> Result<(i64, EventData), String> {
+    let v: Value = serde_json::from_str(raw).map_err(|e| format!("update is not JSON: {e}"))?;
+    let obj = v.as_object().ok_or("update is not a JSON object")?;
+    let id = obj.get("update_id").and_then(Value::as_i64).ok_or("update has no integer update_id")?;
+    let (kind, payload) =
+        obj.iter().find(|(k, _)| k.as_str() != "update_id").map_or(("unknown", &Value::Null), |(k, v)| (k.as_str(), v));
+    // The message the update is about: itself, or the one a button was pressed under.
+    let message = match kind {
+        "callback_query" => payload.get("message"),
+        "inline_query" | "chosen_inline_result" | "poll" | "poll_answer" | "shipping_query"
+        | "pre_checkout_query" => None,
+        _ => Some(payload),
+    };
+    let chat_id = message.and_then(|m| m.get("chat")).and_then(|c| c.get("id")).and_then(id_text);
+    let from = payload.get("from").or_else(|| payload.get("user")).and_then(|u| u.get("id")).and_then(id_text);
+    let thread = message
+        .filter(|m| m.get("is_topic_message").and_then(Value::as_bool) == Some(true))
+        .and_then(|m| m.get("message_thread_id"))
+        .and_then(Value::as_i64);
+    // Private chats have the user's id as chat id, so `from` is a usable fallback address.
+    let mut conversation = chat_id.clone().or_else(|| from.clone()).unwrap_or_default();
+    if let Some(t) = thread {
+        conversation = format!("{conversation}:{t}");
+    }
+    let sender = from.or_else(|| {
+        message.and_then(|m| m.get("sender_chat")).and_then(|c| c.get("id")).and_then(id_text)
+    });
+    let text_of = |m: &Value| {
+        m.get("text").or_else(|| m.get("caption")).and_then(Value::as_str).map(str::to_string)
+    };
+    let text = match kind {
+        "callback_query" => payload.get("data").and_then(Value::as_str).map(str::to_string),
+        "inline_query" | "chosen_inline_result" => payload.get("query").and_then(Value::as_str).map(str::to_string),
+        "poll" => payload.get("question").and_then(Value::as_str).map(str::to_string),
+        _ => message.and_then(text_of),
+    };
+    let attachments = if kind == "callback_query" { Vec::new() } else { message.map(attachments).unwrap_or_default() };
+    let mut meta = vec![
+        ("kind".to_string(), kind.to_string()),
+        ("update_id".to_string(), id.to_string()),
+        ("bot_id".to_string(), bot.id().to_string()),
+    ];
+    if let Some(mid) = message.and_then(|m| m.get("message_id")).and_then(id_text) {
+        meta.push(("message_id".into(), mid));
+    }
+    if let Some(t) = message.and_then(|m| m.get("chat")).and_then(|c| c.get("type")).and_then(Value::as_str) {
+        meta.push(("chat_type".into(), t.to_string()));
+    }
+    if let Some(u) = payload.get("from").and_then(|f| f.get("username")).and_then(Value::as_str) {
+        meta.push(("username".into(), u.chars().take(64).collect()));
+    }
+    let event = EventData {
+        agent: bot.agent.clone(),
+        channel: bot.channel(),
+        conversation,
+        sender,
+        dedupe_key: Some(format!("tg:{}:{id}", bot.id())),
+        received_at_ms: now,
+        text,
+        attachments,
+        content_type: "application/json".into(),
+        raw: raw.as_bytes().to_vec(),
+        meta,
+    };
+    Ok((id, event))
+}
+
+/// Files of a message, by Telegram `file_id` (the agent fetches them with `getFile`).
+fn attachments(m: &Value) -> Vec<Attachment> {
+    let mut out = Vec::new();
+    let file = |f: &Value| -> Option<Attachment> {
+        Some(Attachment {
+            reference: f.get("file_id")?.as_str()?.to_string(),
+            content_type: f.get("mime_type").and_then(Value::as_str).map(str::to_string),
+            name: f.get("file_name").and_then(Value::as_str).map(str::to_string),
+            size: f.get("file_size").and_then(Value::as_u64),
+        })
+    };
+    // `photo` is an array of sizes; the last is the largest.
+    if let Some(p) = m.get("photo").and_then(Value::as_array).and_then(|a| a.last()).and_then(file) {
+        out.push(Attachment { content_type: p.content_type.or(Some("image/jpeg".into())), ..p });
+    }
+    for key in ["document", "audio", "video", "voice", "video_note", "animation", "sticker"] {
+        if let Some(a) = m.get(key).and_then(file) {
+            out.push(a);
+        }
+    }
+    out
+}
+
+// ---- webhook mode -------------------------------------------------------------------------
+
+/// One bot served in webhook mode.
+#[derive(Clone)]
+pub struct WebhookBot {
+    /// The bot.
+    pub bot: Bot,
+    /// Expected `X-Telegram-Bot-Api-Secret-Token`.
+    pub secret: String,
+}
+
+struct WebhookShared {
+    bots: HashMap<String, WebhookBot>,
+    sink: Arc<dyn EventSink>,
+    max_body: usize,
+}
+
+/// Serves `POST /telegram/{bot}` for `bots`, answering 200 only after the durable write.
+pub fn router(bots: Vec<WebhookBot>, sink: Arc<dyn EventSink>, max_body: usize) -> Router {
+    let bots = bots.into_iter().map(|b| (b.bot.name.clone(), b)).collect();
+    Router::new()
+        .route("/telegram/{bot}", any(webhook))
+        .with_state(Arc::new(WebhookShared { bots, sink, max_body }))
+}
+
+async fn webhook(
+    State(shared): State<Arc<WebhookShared>>,
+    Path(name): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let Some(hook) = shared.bots.get(&name) else {
+        return http_util::error(StatusCode::NOT_FOUND, format!("unknown telegram bot '{}'", http_util::echo(&name)), None);
+    };
+    if method != Method::POST {
+        return http_util::error(StatusCode::METHOD_NOT_ALLOWED, "telegram webhooks accept POST only", None);
+    }
+    let given = headers.get(SECRET_HEADER).map(|v| v.as_bytes()).unwrap_or_default();
+    if !http_util::secret_eq(given, hook.secret.as_bytes()) {
+        tracing::debug!(bot = %name, "telegram webhook with a wrong secret token");
+        return http_util::error(StatusCode::UNAUTHORIZED, "missing or wrong X-Telegram-Bot-Api-Secret-Token", None);
+    }
+    let body = match http_util::read_request_body(body, &headers, shared.max_body).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return http_util::error(StatusCode::BAD_REQUEST, "update is not UTF-8 JSON", None);
+    };
+    let (_, event) = match update_event(&hook.bot, text, now_ms()) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(bot = %name, error = %e, "malformed telegram webhook update");
+            return http_util::error(StatusCode::BAD_REQUEST, e, None);
+        }
+    };
+    match shared.sink.ingest(event).await {
+        Ok(i) => (StatusCode::OK, axum::Json(serde_json::json!({"ok": true, "offset": i.offset, "duplicate": i.duplicate})))
+            .into_response(),
+        Err(e) => {
+            tracing::warn!(bot = %name, error = %e, "telegram update not stored; answering non-2xx so Telegram retries");
+            http_util::sink_error(&e)
+        }
+    }
+}
+
+// ---- sends --------------------------------------------------------------------------------
+
+/// Pacing of one bot's sends (Telegram: about 1 message/s per chat, 30/s per bot).
+#[derive(Clone, Copy, Debug)]
+pub struct Pacing {
+    /// Least time between two messages to one chat.
+    pub chat_interval: Duration,
+    /// Most calls per second for the whole bot.
+    pub bot_rate: u32,
+}
+
+impl Default for Pacing {
+    fn default() -> Self {
+        Pacing { chat_interval: Duration::from_secs(1), bot_rate: 30 }
+    }
+}
+
+/// Performs an agent's sends through one bot, queued and paced.
+pub struct TelegramSender {
+    http: reqwest::Client,
+    bot: Bot,
+    pacing: Pacing,
+    /// The earliest instant the next call of this bot may start.
+    bot_next: Mutex<Instant>,
+    /// Per chat: a FIFO lock holding the instant of the chat's last message.
+    chats: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Instant>>>>>,
+    queued: AtomicUsize,
+}
+
+/// Decrements the queue count when a send leaves, however it leaves.
+struct Queued<'a>(&'a AtomicUsize);
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl TelegramSender {
+    /// A sender for `bot`; `http` should not follow redirects.
+    pub fn new(http: reqwest::Client, bot: Bot, pacing: Pacing) -> Self {
+        TelegramSender {
+            http,
+            bot,
+            pacing,
+            bot_next: Mutex::new(Instant::now()),
+            chats: Mutex::default(),
+            queued: AtomicUsize::new(0),
+        }
+    }
+
+    fn chat_lock(&self, chat: &str) -> Arc<tokio::sync::Mutex<Option<Instant>>> {
+        let Ok(mut chats) = self.chats.lock() else {
+            return Arc::default();
+        };
+        if chats.len() >= MAX_CHAT_ENTRIES {
+            let interval = self.pacing.chat_interval;
+            chats.retain(|_, l| {
+                Arc::strong_count(l) > 1 || l.try_lock().map_or(true, |last| last.is_some_and(|t| t.elapsed() < interval))
+            });
+        }
+        chats.entry(chat.to_string()).or_default().clone()
+    }
+
+    /// Waits for this bot's next call slot (`1 / bot_rate` apart).
+    async fn bot_slot(&self) {
+        let interval = Duration::from_secs(1) / self.pacing.bot_rate.max(1);
+        let at = match self.bot_next.lock() {
+            Ok(mut next) => {
+                let at = (*next).max(Instant::now());
+                *next = at + interval;
+                at
+            }
+            Err(_) => Instant::now(),
+        };
+        tokio::time::sleep_until(at).await;
+    }
+
+    async fn send_paced(&self, call: &Call) -> Result<Vec<String>, ApiError> {
+        let chat = self.chat_lock(&call.chat_key);
+        // tokio's Mutex is fair: sends to one chat leave in the order they arrived.
+        let mut last = chat.lock().await;
+        if call.paced
+            && let Some(t) = *last
+        {
+            tokio::time::sleep_until(t + self.pacing.chat_interval).await;
+        }
+        let mut attempt = 0;
+        loop {
+            self.bot_slot().await;
+            let r = call_method(&self.http, &self.bot, &call.method, &call.params).await;
+            if let Err(ApiError::Api { code: 429, retry_after, .. }) = &r {
+                let wait = Duration::from_secs(retry_after.unwrap_or(1).max(1));
+                attempt += 1;
+                if attempt <= MAX_RATE_RETRIES && wait <= MAX_RETRY_AFTER {
+                    tracing::debug!(bot = %self.bot.name, retry_after_s = wait.as_secs(), "telegram 429; waiting");
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+            }
+            if call.paced {
+                *last = Some(Instant::now());
+            }
+            return r;
+        }
+    }
+}
+
+async fn call_method(http: &reqwest::Client, bot: &Bot, method: &str, params: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
+    call(http, bot, method, params, SEND_TIMEOUT, |raw| {
+        let v: Value = serde_json::from_str(raw.get()).map_err(|e| e.to_string())?;
+        let id = |m: &Value| m.get("message_id").and_then(id_text);
+        Ok(match &v {
+            Value::Array(items) => items.iter().filter_map(id).collect(),
+            other => id(other).into_iter().collect(),
+        })
+    })
+    .await
+}
+
+/// One Bot API call derived from an agent's send.
+#[derive(Debug, PartialEq)]
+struct Call {
+    method: String,
+    params: Map<String, Value>,
+    /// The chat whose queue it joins.
+    chat_key: String,
+    /// Whether it counts as a message for per-chat pacing (chat actions do not).
+    paced: bool,
+}
+
+/// `conversation` is `<chat id>` or `<chat id>:<message_thread_id>`.
+fn split_conversation(conversation: &str) -> (Value, Option<i64>) {
+    let (chat, thread) = match conversation.rsplit_once(':') {
+        Some((c, t)) if t.parse::<i64>().is_ok() => (c, t.parse::<i64>().ok()),
+        _ => (conversation, None),
+    };
+    let chat = chat.parse::<i64>().map(Value::from).unwrap_or_else(|_| Value::from(chat));
+    (chat, thread)
+}
+
+/// Builds the API call for a send, or the error to give the agent.
+fn build_call(request: &SendRequest) -> Result<Call, SendResult> {
+    let structured = request
+        .body
+        .trim_start()
+        .starts_with('{')
+        .then(|| serde_json::from_str::<Map<String, Value>>(&request.body).ok())
+        .flatten()
+        .filter(|m| m.get("method").is_some_and(Value::is_string));
+    let (method, mut params) = match structured {
+        Some(mut m) => {
+            let method = m.remove("method").and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+            (method, m)
+        }
+        None => {
+            if request.body.is_empty() {
+                return Err(SendResult::err("bad_request", "empty message body", false));
+            }
+            let mut m = Map::new();
+            m.insert("text".into(), Value::from(request.body.clone()));
+            ("sendMessage".to_string(), m)
+        }
+    };
+    if !SEND_METHODS.contains(&method.as_str()) {
+        return Err(SendResult::err(
+            "bad_request",
+            format!("method {:?} is not allowed; allowed: {}", http_util::echo(&method), SEND_METHODS.join(", ")),
+            false,
+        ));
+    }
+    let (chat, thread) = split_conversation(&request.conversation);
+    let addressed_elsewhere = params.contains_key("inline_message_id") || method == "answerCallbackQuery";
+    if !addressed_elsewhere && !params.contains_key("chat_id") {
+        if request.conversation.is_empty() {
+            return Err(SendResult::err("bad_request", "no conversation (chat id) to send to", false));
+        }
+        params.insert("chat_id".into(), chat);
+        if let Some(t) = thread
+            && method.starts_with("send")
+        {
+            params.entry("message_thread_id").or_insert(Value::from(t));
+        }
+    }
+    let chat_key = params.get("chat_id").and_then(id_text).unwrap_or_default();
+    let paced = method != "sendChatAction" && method != "answerCallbackQuery";
+    Ok(Call { method, params, chat_key, paced })
+}
+
+/// Maps a failed call to the agent's error, `retryable` only when nothing can have been sent.
+fn send_error(e: ApiError) -> SendResult {
+    match e {
+        ApiError::Transport { sent: false, message } => {
+            SendResult::err("unavailable", format!("Telegram not reachable, nothing sent: {message}"), true)
+        }
+        ApiError::Transport { sent: true, message } => SendResult::err(
+            "outcome_unknown",
+            format!("no answer from Telegram; the message may or may not have been sent: {message}"),
+            false,
+        ),
+        ApiError::Decode(m) => SendResult::err("outcome_unknown", m, false),
+        ApiError::Api { code: 429, retry_after, description, .. } => SendResult::err(
+            "rate_limited",
+            format!("{description} (retry after {} s)", retry_after.unwrap_or(1)),
+            true,
+        ),
+        ApiError::Api { code, description, migrate_to_chat_id: Some(to), .. } => SendResult::err(
+            "chat_migrated",
+            format!("Telegram error {code}: {description}; the group is now supergroup {to}: send there"),
+            false,
+        ),
+        ApiError::Api { code: 400, description, .. } => SendResult::err("bad_request", description, false),
+        ApiError::Api { code: 401 | 404, description, .. } => {
+            SendResult::err("unauthorized", format!("Telegram rejects the bot token: {description}"), false)
+        }
+        ApiError::Api { code: 403, description, .. } => SendResult::err("forbidden", description, false),
+        ApiError::Api { code, description, .. } if code >= 500 => SendResult::err(
+            "platform_error",
+            format!("Telegram error {code}: {description}; the outcome is unknown"),
+            false,
+        ),
+        ApiError::Api { code, description, .. } => {
+            SendResult::err("platform_error", format!("Telegram error {code}: {description}"), false)
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ChannelSender for TelegramSender {
+    async fn send(&self, _agent: &str, request: &SendRequest) -> SendResult {
+        let call = match build_call(request) {
+            Ok(c) => c,
+            Err(e) => return e,
+        };
+        if self.queued.fetch_add(1, Ordering::SeqCst) >= MAX_QUEUED_SENDS {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return SendResult::err(
+                "queue_full",
+                format!("more than {MAX_QUEUED_SENDS} sends are queued for this bot; nothing sent"),
+                true,
+            );
+        }
+        let _queued = Queued(&self.queued);
+        match self.send_paced(&call).await {
+            Ok(platform_ids) => SendResult::Ok { platform_ids },
+            Err(e) => {
+                tracing::debug!(bot = %self.bot.name, error = %e, "telegram send failed");
+                send_error(e)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bot() -> Bot {
+        Bot { name: "b".into(), agent: "a".into(), token: "42:SECRET".into(), api_base: "http://x".into() }
+    }
+
+    fn req(conversation: &str, body: &str) -> SendRequest {
+        SendRequest {
+            idempotency_key: "k".into(),
+            channel: ChannelRef::new("telegram", "b"),
+            conversation: conversation.into(),
+            body: body.into(),
+            reply_to: None,
+        }
+    }
+
+    #[test]
+    fn message_update_becomes_an_event_with_raw_kept() {
+        let raw = r#"{"update_id": 7, "message": {"message_id": 3, "from": {"id": 5, "username": "ann"},
+            "chat": {"id": -100, "type": "supergroup"}, "is_topic_message": true, "message_thread_id": 9,
+            "text": "hi", "photo": [{"file_id": "s"}, {"file_id": "L", "file_size": 10}]}}"#;
+        let (id, e) = update_event(&bot(), raw, 1).unwrap();
+        assert_eq!(id, 7);
+        assert_eq!(e.raw, raw.as_bytes());
+        assert_eq!(e.conversation, "-100:9");
+        assert_eq!(e.sender.as_deref(), Some("5"));
+        assert_eq!(e.text.as_deref(), Some("hi"));
+        assert_eq!(e.dedupe_key.as_deref(), Some("tg:42:7"));
+        assert_eq!(e.channel, ChannelRef::new("telegram", "b"));
+        assert_eq!(e.attachments.len(), 1);
+        assert_eq!(e.attachments[0].reference, "L");
+        assert!(e.meta.contains(&("kind".into(), "message".into())));
+        assert!(e.meta.contains(&("username".into(), "ann".into())));
+    }
+
+    #[test]
+    fn callback_and_edited_updates() {
+        let raw = r#"{"update_id":8,"callback_query":{"id":"q","from":{"id":5},"data":"yes",
+            "message":{"message_id":1,"chat":{"id":77,"type":"private"}}}}"#;
+        let (_, e) = update_event(&bot(), raw, 1).unwrap();
+        assert_eq!((e.conversation.as_str(), e.text.as_deref()), ("77", Some("yes")));
+        let raw = r#"{"update_id":9,"edited_message":{"message_id":1,"chat":{"id":77},"text":"fixed",
+            "message_thread_id":4}}"#;
+        let (_, e) = update_event(&bot(), raw, 1).unwrap();
+        assert_eq!(e.conversation, "77", "a thread id outside a forum topic is not part of the conversation");
+        assert!(e.meta.contains(&("kind".into(), "edited_message".into())));
+        let raw = r#"{"update_id":10,"inline_query":{"id":"i","from":{"id":5},"query":"q"}}"#;
+        assert_eq!(update_event(&bot(), raw, 1).unwrap().1.conversation, "5");
+    }
+
+    #[test]
+    fn malformed_updates_are_errors_not_panics() {
+        for raw in ["", "[]", "{}", r#"{"update_id":"x"}"#, "not json"] {
+            assert!(update_event(&bot(), raw, 1).is_err(), "{raw}");
+        }
+    }
+
+    #[test]
+    fn plain_text_is_send_message_to_the_conversation() {
+        let c = build_call(&req("-100:9", "hello")).unwrap();
+        assert_eq!(c.method, "sendMessage");
+        assert_eq!(c.params["chat_id"], -100);
+        assert_eq!(c.params["message_thread_id"], 9);
+        assert_eq!(c.params["text"], "hello");
+        assert_eq!(c.chat_key, "-100");
+        assert!(c.paced);
+        let c = build_call(&req("@channel", "{not a method}")).unwrap();
+        assert_eq!((c.method.as_str(), &c.params["chat_id"]), ("sendMessage", &Value::from("@channel")));
+    }
+
+    #[test]
+    fn json_bodies_select_allowed_methods() {
+        let c = build_call(&req("5", r#"{"method":"sendChatAction","action":"typing"}"#)).unwrap();
+        assert_eq!((c.method.as_str(), c.paced), ("sendChatAction", false));
+        assert_eq!(c.params["chat_id"], 5);
+        let c = build_call(&req("5", r#"{"method":"editMessageText","message_id":3,"text":"t"}"#)).unwrap();
+        assert_eq!(c.params["message_id"], 3);
+        let c = build_call(&req(
+            "5",
+            r#"{"method":"sendMessage","text":"r","reply_parameters":{"message_id":3},"chat_id":6}"#,
+        ))
+        .unwrap();
+        assert_eq!(c.params["chat_id"], 6, "an explicit chat_id wins");
+        assert_eq!(c.params["reply_parameters"]["message_id"], 3);
+        match build_call(&req("5", r#"{"method":"deleteWebhook"}"#)) {
+            Err(SendResult::Err { code, retryable, .. }) => assert_eq!((code.as_str(), retryable), ("bad_request", false)),
+            other => panic!("{other:?}"),
+        }
+        assert!(build_call(&req("5", "")).is_err());
+        assert!(build_call(&req("", "x")).is_err());
+    }
+
+    #[test]
+    fn errors_are_retryable_only_when_nothing_was_sent() {
+        let api = |code, retry_after| ApiError::Api { code, description: "d".into(), retry_after, migrate_to_chat_id: None };
+        let check = |e, want: (&str, bool)| match send_error(e) {
+            SendResult::Err { code, retryable, .. } => assert_eq!((code.as_str(), retryable), want),
+            other => panic!("{other:?}"),
+        };
+        check(api(429, Some(3)), ("rate_limited", true));
+        check(api(400, None), ("bad_request", false));
+        check(api(403, None), ("forbidden", false));
+        check(api(401, None), ("unauthorized", false));
+        check(api(502, None), ("platform_error", false));
+        check(ApiError::Transport { sent: false, message: "refused".into() }, ("unavailable", true));
+        check(ApiError::Transport { sent: true, message: "timeout".into() }, ("outcome_unknown", false));
+        check(
+            ApiError::Api { code: 400, description: "migrated".into(), retry_after: None, migrate_to_chat_id: Some(-1) },
+            ("chat_migrated", false),
+        );
+    }
+
+    #[test]
+    fn debug_hides_the_token() {
+        assert!(!format!("{:?}", bot()).contains("SECRET"));
+    }
+}

@@ -1,0 +1,416 @@
+//! Operations surface: the dashboard in headless Chromium, admin auth on every action, and
+//! the Prometheus exposition as events flow.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use common::*;
+use futures::{SinkExt as _, StreamExt as _};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+const ADMIN: &str = "admin-token-0123456789";
+const READER: &str = "read-token-0123456789";
+
+// ---------------------------------------------------------------------------------------
+// A minimal DevTools-protocol driver for Debian's `chromium` (no browser download, no Node).
+
+struct Browser {
+    child: Child,
+    ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    session: String,
+    next_id: u64,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    async fn launch() -> Browser {
+        let binary = ["chromium", "chromium-browser", "google-chrome"]
+            .into_iter()
+            .find(|b| Command::new(b).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok())
+            .expect("headless Chromium is required: apt-get install chromium (scripts/test installs it)");
+        let profile = tempfile::tempdir().unwrap();
+        let mut child = Command::new(binary)
+            .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"])
+            .args(["--remote-debugging-port=0", "--window-size=1366,900", "--hide-scrollbars"])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg("about:blank")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start chromium");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(url) = line.split("DevTools listening on ").nth(1) {
+                    let _ = tx.send(url.trim().to_string());
+                }
+            }
+        });
+        let url = rx.recv_timeout(Duration::from_secs(30)).expect("chromium printed its DevTools address");
+        let (ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("DevTools websocket");
+        let mut b = Browser { child, ws, session: String::new(), next_id: 0, _profile: profile };
+        let target = b.call("Target.createTarget", json!({ "url": "about:blank" })).await;
+        let attached =
+            b.call("Target.attachToTarget", json!({ "targetId": target["targetId"], "flatten": true })).await;
+        b.session = attached["sessionId"].as_str().expect("session id").to_string();
+        b.call("Page.enable", json!({})).await;
+        b.call(
+            "Emulation.setDeviceMetricsOverride",
+            json!({ "width": 1366, "height": 900, "deviceScaleFactor": 1, "mobile": false }),
+        )
+        .await;
+        b
+    }
+
+    /// Sends one command (on the page session once attached) and waits for its answer.
+    async fn call(&mut self, method: &str, params: Value) -> Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        let mut msg = json!({ "id": id, "method": method, "params": params });
+        if !self.session.is_empty() {
+            msg["sessionId"] = json!(self.session);
+        }
+        self.ws.send(Message::text(msg.to_string())).await.expect("send to DevTools");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let frame = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .unwrap_or_else(|_| panic!("no answer to {method}"))
+                .expect("DevTools closed")
+                .expect("DevTools read");
+            let Message::Text(text) = frame else { continue };
+            let v: Value = serde_json::from_str(&text).expect("DevTools JSON");
+            if v["id"] == id {
+                assert!(v.get("error").is_none(), "{method} failed: {v}");
+                return v["result"].clone();
+            }
+        }
+    }
+
+    /// Evaluates a JavaScript expression (awaiting promises) and returns its value.
+    async fn eval(&mut self, expr: &str) -> Value {
+        let r = self
+            .call("Runtime.evaluate", json!({ "expression": expr, "awaitPromise": true, "returnByValue": true }))
+            .await;
+        assert!(r.get("exceptionDetails").is_none(), "{expr} threw: {r}");
+        r["result"]["value"].clone()
+    }
+
+    /// Polls `expr` until it is `true`, for at most `within`.
+    async fn wait_for(&mut self, expr: &str, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            if self.eval(&format!("(() => {{ try {{ return !!({expr}); }} catch (e) {{ return false; }} }})()")).await
+                == Value::Bool(true)
+            {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn goto(&mut self, url: &str) {
+        self.call("Page.navigate", json!({ "url": url })).await;
+    }
+
+    async fn screenshot(&mut self, name: &str) -> PathBuf {
+        let shot = self.call("Page.captureScreenshot", json!({ "format": "png", "captureBeyondViewport": true })).await;
+        let png = base64::engine::general_purpose::STANDARD.decode(shot["data"].as_str().unwrap()).unwrap();
+        let dir = artifacts_dir();
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, png).unwrap();
+        path
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `target/test-artifacts/` of this workspace (or of `CARGO_TARGET_DIR`).
+fn artifacts_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("test-artifacts")
+}
+
+fn text_of(selector: &str) -> String {
+    format!("(document.querySelector({selector:?}) || {{}}).textContent")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dashboard_shows_the_fleet_and_wakes_an_agent_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start().await;
+    let body = format!(
+        "{}\n{}\n{}\n{}",
+        agent_section("alpha", &echo_wake("policy = \"never\"")),
+        self_connecting_agent("beta"),
+        webhook_route("alpha-hook", "alpha", &format!("reply_url = \"{}\"", sink.url)),
+        webhook_route("beta-hook", "beta", ""),
+    );
+    let proxy = Proxy::start(&write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &body));
+    for i in 0..3 {
+        assert_eq!(proxy.post("alpha", "alpha-hook", &format!(r#"{{"text":"a{i}"}}"#), None).await.0, 202);
+    }
+    for i in 0..2 {
+        assert_eq!(proxy.post("beta", "beta-hook", &format!(r#"{{"text":"b{i}"}}"#), None).await.0, 202);
+    }
+
+    let mut browser = Browser::launch().await;
+    browser.goto(&format!("http://{}/", proxy.admin)).await;
+    let alpha = r#"tr[data-agent="alpha"] td[data-col="pending"]"#;
+    let beta = r#"tr[data-agent="beta"] td[data-col="pending"]"#;
+    let counts =
+        format!("{} === '3' && {} === '2' && {} === '5'", text_of(alpha), text_of(beta), text_of("#total-pending"));
+    let shown = browser.wait_for(&counts, Duration::from_secs(15)).await;
+    let fleet_shot = browser.screenshot("dashboard-fleet.png").await;
+    assert!(
+        shown,
+        "fleet table shows 3 and 2 buffered events; page: {}",
+        browser.eval("document.body.innerText").await
+    );
+    assert_eq!(browser.eval(&text_of(r#"tr[data-agent="alpha"] td[data-col="state"]"#)).await, "asleep");
+    // Sorting by a column header keeps every row and marks the column.
+    browser.eval(r#"document.querySelector('th[data-key="id"] button').click()"#).await;
+    assert!(
+        browser
+            .wait_for(
+                r#"document.querySelector('th[data-key="id"]').getAttribute('aria-sort') !== 'none'"#,
+                Duration::from_secs(5)
+            )
+            .await
+    );
+    assert_eq!(browser.eval("document.querySelectorAll('#fleet-table tbody tr').length").await, 2);
+
+    // Open the agent, wake it now (with confirmation) and see it become awake and drain.
+    browser.eval(r##"document.querySelector('tr[data-agent="alpha"] a').click()"##).await;
+    assert!(
+        browser
+            .wait_for(
+                "document.querySelector('#act-wake') && document.querySelector('#agent-state')",
+                Duration::from_secs(10)
+            )
+            .await
+    );
+    assert_eq!(browser.eval(&text_of("#agent-state")).await, "asleep");
+    assert!(
+        browser
+            .wait_for("document.querySelectorAll('#events-table tbody tr').length === 3", Duration::from_secs(10))
+            .await
+    );
+    browser.eval("document.querySelector('#act-wake').click()").await;
+    assert!(
+        browser.wait_for("document.querySelector('#confirm').open", Duration::from_secs(5)).await,
+        "confirmation asked"
+    );
+    browser.eval("document.querySelector('#confirm-ok').click()").await;
+    let awake = browser
+        .wait_for(
+            &format!("{} === 'awake' && {}.startsWith('0 events')", text_of("#agent-state"), text_of("#agent-pending")),
+            Duration::from_secs(30),
+        )
+        .await;
+    let agent_shot = browser.screenshot("dashboard-agent.png").await;
+    assert!(
+        awake,
+        "agent view shows the wake live; page: {}\nlog:\n{}",
+        browser.eval("document.body.innerText").await,
+        proxy.log()
+    );
+    assert_eq!(sink.wait_for(3, Duration::from_secs(10)).await.len(), 3, "the woken agent replied to all three");
+    let audit: Value =
+        http_client().get(format!("http://{}/api/audit", proxy.admin)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(audit["entries"][0]["action"], "wake", "{audit}");
+    for shot in [fleet_shot, agent_shot] {
+        assert!(std::fs::metadata(&shot).unwrap().len() > 10_000, "screenshot {} has content", shot.display());
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Auth
+
+async fn call(proxy: &Proxy, method: &str, path: &str, body: Option<Value>, bearer: Option<&str>) -> u16 {
+    let url = format!("http://{}{path}", proxy.admin);
+    let mut req = if method == "POST" { http_client().post(url) } else { http_client().get(url) };
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    if let Some(t) = bearer {
+        req = req.bearer_auth(t);
+    }
+    req.send().await.unwrap().status().as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_action_needs_the_admin_token_and_the_read_token_only_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!("admin_token = \"{ADMIN}\"\nadmin_read_token = \"{READER}\"");
+    let body = format!("{}\n{}", self_connecting_agent("a"), webhook_route("hook", "a", ""));
+    let config = write_config_with(dir.path(), &Backend::Embedded, [0, 0, 0], &extra, &body);
+    // Keep acked events so redeliver has something to rewind to.
+    let text = std::fs::read_to_string(&config).unwrap().replace("[store]\n", "[store]\nretain_acked = 100\n");
+    std::fs::write(&config, text).unwrap();
+    let proxy = Proxy::start(&config);
+    for i in 0..3 {
+        assert_eq!(proxy.post("a", "hook", &format!(r#"{{"n":{i}}}"#), None).await.0, 202);
+    }
+    let actions: Vec<(&str, Option<Value>)> = vec![
+        ("/api/agents/a/wake", None),
+        ("/api/agents/a/pause", None),
+        ("/api/agents/a/resume", None),
+        ("/api/agents/a/drop", Some(json!({ "up_to": 2, "preview": true }))),
+        ("/api/agents/a/drop", Some(json!({ "up_to": 2 }))),
+        ("/api/agents/a/redeliver", Some(json!({ "from": 1 }))),
+    ];
+    for (path, body) in &actions {
+        assert_eq!(call(&proxy, "POST", path, body.clone(), None).await, 401, "{path} without a token");
+        assert_eq!(call(&proxy, "POST", path, body.clone(), Some("wrong")).await, 401, "{path} with a wrong token");
+        assert_eq!(call(&proxy, "POST", path, body.clone(), Some(READER)).await, 403, "{path} with the read token");
+    }
+    // Nothing happened so far: no audit entries, nothing dropped.
+    let audit = |token: &'static str| {
+        let url = format!("http://{}/api/audit", proxy.admin);
+        async move { http_client().get(url).bearer_auth(token).send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    assert_eq!(audit(READER).await["entries"].as_array().unwrap().len(), 0);
+    for (path, body) in &actions {
+        let status = call(&proxy, "POST", path, body.clone(), Some(ADMIN)).await;
+        assert!((200..300).contains(&status), "{path} with the admin token: {status}");
+    }
+    let entries = audit(ADMIN).await["entries"].as_array().unwrap().clone();
+    let actions_logged: Vec<&str> = entries.iter().rev().filter_map(|e| e["action"].as_str()).collect();
+    assert_eq!(actions_logged, ["wake", "pause", "resume", "drop", "redeliver"], "previews are not actions");
+    // The drop acked 1..=2, the redeliver moved the cursor back to 0.
+    let agent: Value = http_client()
+        .get(format!("http://{}/api/agents/a", proxy.admin))
+        .bearer_auth(READER)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!((agent["cursor"].as_u64(), agent["pending"].as_u64()), (Some(0), Some(3)), "{agent}");
+    // Reads: open to both tokens, closed without one; the page itself needs none.
+    for path in ["/api/fleet", "/api/agents", "/api/agents/a/events", "/api/channels", "/api/audit", "/metrics"] {
+        assert_eq!(call(&proxy, "GET", path, None, None).await, 401, "{path} without a token");
+        assert_eq!(call(&proxy, "GET", path, None, Some(READER)).await, 200, "{path} with the read token");
+        assert_eq!(call(&proxy, "GET", path, None, Some(ADMIN)).await, 200, "{path} with the admin token");
+    }
+    assert_eq!(call(&proxy, "GET", "/", None, None).await, 200);
+    assert_eq!(call(&proxy, "GET", "/assets/app.js", None, None).await, 200);
+    let who: Value = http_client()
+        .get(format!("http://{}/api/whoami", proxy.admin))
+        .bearer_auth(READER)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(who["can_act"], false);
+}
+
+// ---------------------------------------------------------------------------------------
+// Metrics
+
+async fn scrape(proxy: &Proxy) -> prometheus_parse::Scrape {
+    let r = http_client().get(format!("http://{}/metrics", proxy.admin)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let text = r.text().await.unwrap();
+    assert!(text.trim_end().ends_with("# EOF"), "OpenMetrics exposition ends with # EOF");
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("exposition parses");
+    assert!(!scrape.samples.is_empty());
+    scrape
+}
+
+/// The value of `metric` with these labels (0 when the series does not exist yet).
+fn value(scrape: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match &s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => *v,
+            prometheus_parse::Value::Histogram(b) => b.iter().map(|c| c.count).fold(0.0, f64::max),
+            prometheus_parse::Value::Summary(_) => 0.0,
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_parse_and_move_as_events_flow() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!("{}\n{}", self_connecting_agent("m"), webhook_route("hook", "m", ""));
+    let proxy = Proxy::start(&write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &body));
+    let before = eventually(Duration::from_secs(10), || async {
+        let s = scrape(&proxy).await;
+        (value(&s, "concierge_agents", &[("state", "asleep")]) == 1.0).then_some(s)
+    })
+    .await
+    .expect("the first snapshot counts one asleep agent");
+    let stored = [("channel", "webhook"), ("outcome", "stored")];
+    assert_eq!(value(&before, "concierge_ingress_requests_total", &stored), 0.0);
+    assert_eq!(value(&before, "concierge_build_info", &[]), 1.0);
+    assert_eq!(value(&before, "concierge_connections", &[("channel", "webhook"), ("state", "listening")]), 1.0);
+
+    for i in 0..3 {
+        assert_eq!(proxy.post("m", "hook", &format!(r#"{{"n":{i}}}"#), Some(&format!("k{i}"))).await.0, 202);
+    }
+    let dup = proxy.post("m", "hook", r#"{"n":0}"#, Some("k0")).await;
+    assert_eq!(dup.1["duplicate"], true, "a duplicate: {:?}", dup);
+    let after = scrape(&proxy).await;
+    assert_eq!(value(&after, "concierge_ingress_requests_total", &stored), 3.0);
+    assert_eq!(
+        value(&after, "concierge_ingress_requests_total", &[("channel", "webhook"), ("outcome", "duplicate")]),
+        1.0
+    );
+    assert_eq!(value(&after, "concierge_ingress_durable_ack_seconds_count", &[("channel", "webhook")]), 4.0);
+    assert!(value(&after, "concierge_store_command_duration_seconds_count", &[("op", "append")]) >= 4.0);
+    // Buffered figures come from the periodic snapshot.
+    let buffered = eventually(Duration::from_secs(15), || async {
+        let s = scrape(&proxy).await;
+        (value(&s, "concierge_buffered_events", &[]) == 3.0).then_some(s)
+    })
+    .await
+    .expect("the snapshot reports 3 buffered events");
+    assert_eq!(value(&buffered, "concierge_agent_buffered_events", &[("agent", "m")]), 3.0);
+    assert!(value(&buffered, "concierge_buffered_bytes", &[]) > 0.0);
+    assert!(value(&buffered, "concierge_buffered_oldest_event_timestamp_seconds", &[]) > 1.0e9);
+
+    let mut client = proxy.connect("m").await;
+    receive_n(&mut client, 3, Duration::from_secs(10)).await;
+    let delivered = eventually(Duration::from_secs(15), || async {
+        let s = scrape(&proxy).await;
+        (value(&s, "concierge_buffered_events", &[]) == 0.0).then_some(s)
+    })
+    .await
+    .expect("buffer drains in the snapshot");
+    assert_eq!(value(&delivered, "concierge_events_delivered_total", &[]), 3.0);
+    assert_eq!(value(&delivered, "concierge_events_redelivered_total", &[]), 0.0);
+    assert_eq!(value(&delivered, "concierge_delivery_latency_seconds_count", &[]), 3.0);
+    assert_eq!(value(&delivered, "concierge_agents", &[("state", "awake")]), 1.0);
+    assert_eq!(
+        value(&delivered, "concierge_agent_buffered_events", &[("agent", "m")]),
+        0.0,
+        "drained agents lose their series"
+    );
+}
