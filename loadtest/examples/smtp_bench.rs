@@ -75,12 +75,20 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let tasks: Vec<_> =
         (0..sessions).map(|i| tokio::spawn(session(addr.clone(), rcpt.clone(), per, size, i))).collect();
-    let mut stored = 0;
+    let (mut stored, mut failed) = (0, 0);
     for t in tasks {
         match t.await? {
             Ok(n) => stored += n,
-            Err(e) => eprintln!("session failed: {e}"),
+            Err(e) => {
+                if failed == 0 {
+                    eprintln!("session failed: {e}");
+                }
+                failed += 1;
+            }
         }
+    }
+    if failed > 0 {
+        eprintln!("{failed} of {sessions} sessions failed");
     }
     let secs = started.elapsed().as_secs_f64();
     println!(

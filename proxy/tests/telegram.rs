@@ -196,23 +196,22 @@ async fn conflict_is_reported_and_backed_off() {
     assert!(proxy_polls <= 4, "the proxy polled {proxy_polls} times in 4 s of conflict: a hot loop");
 }
 
-fn reply(i: usize) -> SendRequest {
+fn reply(chat: &str, i: usize) -> SendRequest {
     SendRequest {
-        idempotency_key: format!("reply-{i}"),
+        idempotency_key: format!("reply-{chat}-{i}"),
         channel: ChannelRef::new("telegram", "bot"),
-        conversation: "555".into(),
+        conversation: chat.into(),
         body: format!("reply {i}"),
         reply_to: None,
     }
 }
 
 /// 100 rapid replies to one chat: paced (and 429 `retry_after` honoured), all delivered, none
-/// twice (idempotency keys), in order.
+/// twice (idempotency keys), in order; and a burst of 100 concurrent ones queued, not dropped.
 #[tokio::test(flavor = "multi_thread")]
 async fn hundred_rapid_replies_are_paced_in_order_and_once() {
     const N: usize = 100;
     const INTERVAL: Duration = Duration::from_millis(30);
-    const STAGGER: Duration = Duration::from_millis(10);
     let limits = Limits { per_chat: 25, per_bot: 1000, window: Duration::from_secs(1), retry_after: 1 };
     let fake = FakeTelegram::start(Options { limits: Some(limits), ..Options::default() }).await.unwrap();
     fake.add_bot(BOT_TOKEN);
@@ -226,18 +225,13 @@ async fn hundred_rapid_replies_are_paced_in_order_and_once() {
     let proxy = Proxy::start(&config);
     let agent = Arc::new(proxy.connect("a").await);
 
+    // Phase 1, order kept: the agent fires each reply the moment the previous one returns,
+    // far faster than the chat may receive them; the proxy spaces them.
     let started = Instant::now();
-    let sends = (0..N).map(|i| {
-        let agent = agent.clone();
-        async move {
-            // Issued 10 ms apart, three times faster than the chat may receive them, so the
-            // queue builds up. (Sends on separate streams issued closer together than the
-            // proxy's idempotency claim takes can reach the adapter in either order.)
-            tokio::time::sleep(STAGGER * i as u32).await;
-            agent.send(reply(i)).await.unwrap()
-        }
-    });
-    let results = futures::future::join_all(sends).await;
+    let mut results = Vec::with_capacity(N);
+    for i in 0..N {
+        results.push(agent.send(reply("555", i)).await.unwrap());
+    }
     let took = started.elapsed();
     for (i, r) in results.iter().enumerate() {
         assert!(matches!(r, SendResult::Ok { platform_ids } if platform_ids.len() == 1), "reply {i}: {r:?}");
@@ -251,14 +245,30 @@ async fn hundred_rapid_replies_are_paced_in_order_and_once() {
     assert!(min_gap >= INTERVAL - Duration::from_millis(2), "two messages {min_gap:?} apart");
     assert!(fake.rate_limited(BOT_TOKEN) > 0, "the fake's 429 was exercised");
     assert!(took >= INTERVAL * (N as u32 - 1), "100 replies took only {took:?}");
-    eprintln!("{N} replies in {took:?}, min gap {min_gap:?}, {} answered 429", fake.rate_limited(BOT_TOKEN));
+    eprintln!("{N} ordered replies in {took:?}, min gap {min_gap:?}, {} answered 429", fake.rate_limited(BOT_TOKEN));
 
     // Retries with the same keys return the recorded results and send nothing.
     for i in [0, 50, 99] {
-        let again = agent.send(reply(i)).await.unwrap();
+        let again = agent.send(reply("555", i)).await.unwrap();
         assert_eq!(again, results[i], "reply {i} retried");
     }
     assert_eq!(fake.sent(BOT_TOKEN).len(), N, "a retried key sent again");
+
+    // Phase 2, a burst: 100 replies to another chat all at once. They queue in the proxy
+    // (slowed, not dropped) and each is delivered exactly once. Sends on independent streams
+    // have no order among themselves, so only the set is compared.
+    let started = Instant::now();
+    let burst = futures::future::join_all((0..N).map(|i| agent.send(reply("556", i)))).await;
+    let took = started.elapsed();
+    assert!(burst.iter().all(|r| matches!(r, Ok(SendResult::Ok { .. }))), "{burst:?}");
+    let sent: Vec<_> = fake.sent(BOT_TOKEN).into_iter().filter(|s| s.chat_id == "556").collect();
+    let mut texts: Vec<String> = sent.iter().filter_map(|s| s.text.clone()).collect();
+    texts.sort_by_key(|t| t.trim_start_matches("reply ").parse::<usize>().unwrap_or(usize::MAX));
+    assert_eq!(texts, want, "every burst reply delivered exactly once");
+    let min_gap = sent.windows(2).map(|w| w[1].at.duration_since(w[0].at)).min().unwrap();
+    assert!(min_gap >= INTERVAL - Duration::from_millis(2), "two burst messages {min_gap:?} apart");
+    assert!(took >= INTERVAL * (N as u32 - 1), "the burst took only {took:?}");
+    eprintln!("{N} burst replies in {took:?}, min gap {min_gap:?}");
 
     // Structured sends: a chat action and an edit go through; a forbidden method does not.
     let structured = |key: &str, body: &str| SendRequest {
@@ -274,6 +284,6 @@ async fn hundred_rapid_replies_are_paced_in_order_and_once() {
     assert!(matches!(r, SendResult::Ok { .. }), "{r:?}");
     let r = agent.send(structured("evil", r#"{"method":"deleteWebhook"}"#)).await.unwrap();
     assert!(matches!(&r, SendResult::Err { code, retryable: false, .. } if code == "bad_request"), "{r:?}");
-    let methods: Vec<String> = fake.sent(BOT_TOKEN).iter().skip(N).map(|s| s.method.clone()).collect();
+    let methods: Vec<String> = fake.sent(BOT_TOKEN).iter().skip(2 * N).map(|s| s.method.clone()).collect();
     assert_eq!(methods, ["sendChatAction", "editMessageText"]);
 }
