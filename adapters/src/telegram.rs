@@ -366,8 +366,12 @@ async fn poll_loop(
         if *shutdown.borrow() {
             break;
         }
-        let params =
-            GetUpdates { offset, limit: POLL_LIMIT, timeout: options.timeout.as_secs(), allowed_updates: &options.allowed_updates };
+        let params = GetUpdates {
+            offset,
+            limit: POLL_LIMIT,
+            timeout: options.timeout.as_secs(),
+            allowed_updates: &options.allowed_updates,
+        };
         let polled = tokio::select! {
             r = call(&http, &bot, "getUpdates", &params, timeout, |raw| {
                 serde_json::from_str::<Vec<Box<RawValue>>>(raw.get()).map_err(|e| format!("result is not an array of updates: {e}"))
@@ -452,7 +456,11 @@ fn poll_error_delay(bot: &Bot, e: &ApiError, backoff: &mut Backoff) -> Duration 
 
 /// Stores a batch in order; returns the next offset and how many were new, `None` if no update
 /// had an id. Any sink failure stops the batch: the offset must not move past it.
-async fn store_batch(bot: &Bot, updates: &[Box<RawValue>], sink: &dyn EventSink) -> Result<Option<(i64, u64)>, SinkError> {
+async fn store_batch(
+    bot: &Bot,
+    updates: &[Box<RawValue>],
+    sink: &dyn EventSink,
+) -> Result<Option<(i64, u64)>, SinkError> {
     let mut max_id: Option<i64> = None;
     let mut stored = 0;
     for raw in updates {
@@ -488,8 +496,9 @@ pub fn update_event(bot: &Bot, raw: &str, now: u64) -> Result<(i64, EventData), 
     // The message the update is about: itself, or the one a button was pressed under.
     let message = match kind {
         "callback_query" => payload.get("message"),
-        "inline_query" | "chosen_inline_result" | "poll" | "poll_answer" | "shipping_query"
-        | "pre_checkout_query" => None,
+        "inline_query" | "chosen_inline_result" | "poll" | "poll_answer" | "shipping_query" | "pre_checkout_query" => {
+            None
+        }
         _ => Some(payload),
     };
     let chat_id = message.and_then(|m| m.get("chat")).and_then(|c| c.get("id")).and_then(id_text);
@@ -503,12 +512,9 @@ pub fn update_event(bot: &Bot, raw: &str, now: u64) -> Result<(i64, EventData), 
     if let Some(t) = thread {
         conversation = format!("{conversation}:{t}");
     }
-    let sender = from.or_else(|| {
-        message.and_then(|m| m.get("sender_chat")).and_then(|c| c.get("id")).and_then(id_text)
-    });
-    let text_of = |m: &Value| {
-        m.get("text").or_else(|| m.get("caption")).and_then(Value::as_str).map(str::to_string)
-    };
+    let sender =
+        from.or_else(|| message.and_then(|m| m.get("sender_chat")).and_then(|c| c.get("id")).and_then(id_text));
+    let text_of = |m: &Value| m.get("text").or_else(|| m.get("caption")).and_then(Value::as_str).map(str::to_string);
     let text = match kind {
         "callback_query" => payload.get("data").and_then(Value::as_str).map(str::to_string),
         "inline_query" | "chosen_inline_result" => payload.get("query").and_then(Value::as_str).map(str::to_string),
@@ -589,9 +595,7 @@ struct WebhookShared {
 /// Serves `POST /telegram/{bot}` for `bots`, answering 200 only after the durable write.
 pub fn router(bots: Vec<WebhookBot>, sink: Arc<dyn EventSink>, max_body: usize) -> Router {
     let bots = bots.into_iter().map(|b| (b.bot.name.clone(), b)).collect();
-    Router::new()
-        .route("/telegram/{bot}", any(webhook))
-        .with_state(Arc::new(WebhookShared { bots, sink, max_body }))
+    Router::new().route("/telegram/{bot}", any(webhook)).with_state(Arc::new(WebhookShared { bots, sink, max_body }))
 }
 
 async fn webhook(
@@ -602,7 +606,11 @@ async fn webhook(
     body: Body,
 ) -> Response {
     let Some(hook) = shared.bots.get(&name) else {
-        return http_util::error(StatusCode::NOT_FOUND, format!("unknown telegram bot '{}'", http_util::echo(&name)), None);
+        return http_util::error(
+            StatusCode::NOT_FOUND,
+            format!("unknown telegram bot '{}'", http_util::echo(&name)),
+            None,
+        );
     };
     if method != Method::POST {
         return http_util::error(StatusCode::METHOD_NOT_ALLOWED, "telegram webhooks accept POST only", None);
@@ -627,8 +635,10 @@ async fn webhook(
         }
     };
     match shared.sink.ingest(event).await {
-        Ok(i) => (StatusCode::OK, axum::Json(serde_json::json!({"ok": true, "offset": i.offset, "duplicate": i.duplicate})))
-            .into_response(),
+        Ok(i) => {
+            (StatusCode::OK, axum::Json(serde_json::json!({"ok": true, "offset": i.offset, "duplicate": i.duplicate})))
+                .into_response()
+        }
         Err(e) => {
             tracing::warn!(bot = %name, error = %e, "telegram update not stored; answering non-2xx so Telegram retries");
             http_util::sink_error(&e)
@@ -694,7 +704,8 @@ impl TelegramSender {
         if chats.len() >= MAX_CHAT_ENTRIES {
             let interval = self.pacing.chat_interval;
             chats.retain(|_, l| {
-                Arc::strong_count(l) > 1 || l.try_lock().map_or(true, |last| last.is_some_and(|t| t.elapsed() < interval))
+                Arc::strong_count(l) > 1
+                    || l.try_lock().map_or(true, |last| last.is_some_and(|t| t.elapsed() < interval))
             });
         }
         chats.entry(chat.to_string()).or_default().clone()
@@ -744,7 +755,12 @@ impl TelegramSender {
     }
 }
 
-async fn call_method(http: &reqwest::Client, bot: &Bot, method: &str, params: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
+async fn call_method(
+    http: &reqwest::Client,
+    bot: &Bot,
+    method: &str,
+    params: &Map<String, Value>,
+) -> Result<Vec<String>, ApiError> {
     call(http, bot, method, params, SEND_TIMEOUT, |raw| {
         let v: Value = serde_json::from_str(raw.get()).map_err(|e| e.to_string())?;
         let id = |m: &Value| m.get("message_id").and_then(id_text);
@@ -837,11 +853,9 @@ fn send_error(e: ApiError) -> SendResult {
             false,
         ),
         ApiError::Decode(m) => SendResult::err("outcome_unknown", m, false),
-        ApiError::Api { code: 429, retry_after, description, .. } => SendResult::err(
-            "rate_limited",
-            format!("{description} (retry after {} s)", retry_after.unwrap_or(1)),
-            true,
-        ),
+        ApiError::Api { code: 429, retry_after, description, .. } => {
+            SendResult::err("rate_limited", format!("{description} (retry after {} s)", retry_after.unwrap_or(1)), true)
+        }
         ApiError::Api { code, description, migrate_to_chat_id: Some(to), .. } => SendResult::err(
             "chat_migrated",
             format!("Telegram error {code}: {description}; the group is now supergroup {to}: send there"),
@@ -976,7 +990,9 @@ mod tests {
         assert_eq!(c.params["chat_id"], 6, "an explicit chat_id wins");
         assert_eq!(c.params["reply_parameters"]["message_id"], 3);
         match build_call(&req("5", r#"{"method":"deleteWebhook"}"#)) {
-            Err(SendResult::Err { code, retryable, .. }) => assert_eq!((code.as_str(), retryable), ("bad_request", false)),
+            Err(SendResult::Err { code, retryable, .. }) => {
+                assert_eq!((code.as_str(), retryable), ("bad_request", false))
+            }
             other => panic!("{other:?}"),
         }
         assert!(build_call(&req("5", "")).is_err());
@@ -985,7 +1001,8 @@ mod tests {
 
     #[test]
     fn errors_are_retryable_only_when_nothing_was_sent() {
-        let api = |code, retry_after| ApiError::Api { code, description: "d".into(), retry_after, migrate_to_chat_id: None };
+        let api =
+            |code, retry_after| ApiError::Api { code, description: "d".into(), retry_after, migrate_to_chat_id: None };
         let check = |e, want: (&str, bool)| match send_error(e) {
             SendResult::Err { code, retryable, .. } => assert_eq!((code.as_str(), retryable), want),
             other => panic!("{other:?}"),
@@ -998,7 +1015,12 @@ mod tests {
         check(ApiError::Transport { sent: false, message: "refused".into() }, ("unavailable", true));
         check(ApiError::Transport { sent: true, message: "timeout".into() }, ("outcome_unknown", false));
         check(
-            ApiError::Api { code: 400, description: "migrated".into(), retry_after: None, migrate_to_chat_id: Some(-1) },
+            ApiError::Api {
+                code: 400,
+                description: "migrated".into(),
+                retry_after: None,
+                migrate_to_chat_id: Some(-1),
+            },
             ("chat_migrated", false),
         );
     }

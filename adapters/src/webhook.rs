@@ -635,6 +635,26 @@ async fn body_excerpt(mut response: reqwest::Response) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
+/// Sends an agent's replies on a webhook route to the route's `reply_url`.
+pub struct ReplySender {
+    client: reqwest::Client,
+    target: ReplyTarget,
+}
+
+impl ReplySender {
+    /// Binds a reply target; the client should not follow redirects (signed bodies must not move hosts).
+    pub fn new(client: reqwest::Client, target: ReplyTarget) -> Self {
+        Self { client, target }
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::ChannelSender for ReplySender {
+    async fn send(&self, agent: &str, request: &SendRequest) -> SendResult {
+        send_reply(&self.client, agent, &self.target, request).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -826,25 +846,5 @@ mod tests {
         assert_eq!(truncate_utf8("abc", 10), "abc");
         assert_eq!(echo(&"a".repeat(100)).chars().count(), 65);
         assert_eq!(redact_url("https://h/p?token=1"), "https://h/p?<redacted>");
-    }
-}
-
-/// Sends an agent's replies on a webhook route to the route's `reply_url`.
-pub struct ReplySender {
-    client: reqwest::Client,
-    target: ReplyTarget,
-}
-
-impl ReplySender {
-    /// Binds a reply target; the client should not follow redirects (signed bodies must not move hosts).
-    pub fn new(client: reqwest::Client, target: ReplyTarget) -> Self {
-        Self { client, target }
-    }
-}
-
-#[async_trait::async_trait]
-impl crate::ChannelSender for ReplySender {
-    async fn send(&self, agent: &str, request: &SendRequest) -> SendResult {
-        send_reply(&self.client, agent, &self.target, request).await
     }
 }

@@ -127,7 +127,9 @@ fn verify_subscription(number: &Number, query: &HashMap<String, String>) -> Resp
     let token = query.get("hub.verify_token").map(String::as_str).unwrap_or_default();
     let challenge = query.get("hub.challenge");
     match (mode, challenge) {
-        (Some("subscribe"), Some(challenge)) if http_util::secret_eq(token.as_bytes(), number.verify_token.as_bytes()) => {
+        (Some("subscribe"), Some(challenge))
+            if http_util::secret_eq(token.as_bytes(), number.verify_token.as_bytes()) =>
+        {
             let mut r = challenge.clone().into_response();
             r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
             r
@@ -161,7 +163,11 @@ async fn notification(shared: &Shared, number: &Number, headers: &HeaderMap, bod
     let given = headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok());
     if let Err(e) = signature::body_verify_hex(&number.app_secret, given, SIGNATURE_HEADER, &body) {
         tracing::debug!(number = %number.name, error = %e, "whatsapp webhook signature rejected");
-        return http_util::error(StatusCode::UNAUTHORIZED, format!("X-Hub-Signature-256 verification failed: {e}"), None);
+        return http_util::error(
+            StatusCode::UNAUTHORIZED,
+            format!("X-Hub-Signature-256 verification failed: {e}"),
+            None,
+        );
     }
     let events = match notification_events(number, &body, now_ms()) {
         Ok(events) => events,
@@ -537,7 +543,10 @@ impl ChannelSender for WhatsAppSender {
             Err(e) => {
                 return SendResult::err(
                     "outcome_unknown",
-                    format!("no answer from the Graph API; the message may or may not have been sent: {}", e.without_url()),
+                    format!(
+                        "no answer from the Graph API; the message may or may not have been sent: {}",
+                        e.without_url()
+                    ),
                     false,
                 );
             }
@@ -595,7 +604,10 @@ mod tests {
         assert_eq!(items.len(), 4);
         let a = &items[0].event;
         assert_eq!(a.dedupe_key.as_deref(), Some("wa:wamid.A"));
-        assert_eq!((a.conversation.as_str(), a.sender.as_deref(), a.text.as_deref()), ("4915", Some("4915"), Some("hi")));
+        assert_eq!(
+            (a.conversation.as_str(), a.sender.as_deref(), a.text.as_deref()),
+            ("4915", Some("4915"), Some("hi"))
+        );
         assert!(BODY.contains(std::str::from_utf8(&a.raw).unwrap()), "raw is a byte-exact slice of the body");
         assert!(a.meta.contains(&("contact_name".into(), "Ann".into())));
         assert!(a.meta.contains(&("phone_number_id".into(), "123".into())));
@@ -662,7 +674,8 @@ mod tests {
         assert_eq!(m["type"], "text");
         assert_eq!(m["text"]["body"], "hello");
         assert_eq!(m["messaging_product"], "whatsapp");
-        let m = message_body(&req(r#"{"type":"text","text":{"body":"r"},"context":{"message_id":"wamid.A"}}"#)).unwrap();
+        let m =
+            message_body(&req(r#"{"type":"text","text":{"body":"r"},"context":{"message_id":"wamid.A"}}"#)).unwrap();
         assert_eq!(m["context"]["message_id"], "wamid.A");
         assert_eq!(m["to"], "4915");
         let m = message_body(&req("{not json")).unwrap();

@@ -102,4 +102,31 @@ verify = "none"
 # The agent's replies through this route are POSTed here.
 reply_url = "http://127.0.0.1:8099/replies"
 # reply_secret_env = "DEMO_REPLY_SECRET"
+
+# Telegram bot (uncomment to use). Updates go to the agent; the agent replies through the bot.
+# [telegram.support]
+# agent = "echo"
+# token_env = "TELEGRAM_BOT_TOKEN"          # token / token_env / token_file: "<bot id>:<secret>"
+# mode = "poll"                             # "poll" (Concierge long-polls getUpdates) | "webhook"
+# poll_timeout = "30s"                      # getUpdates long-poll timeout
+# allowed_updates = ["message", "edited_message", "callback_query"]   # [] = Telegram's default set
+# api_base = "https://api.telegram.org"
+# chat_interval = "1s"                      # least time between two messages to one chat
+# bot_rate = 30                             # most API calls per second for the bot
+# Webhook mode: Telegram POSTs to <public_url>/telegram/support with this secret in
+# X-Telegram-Bot-Api-Secret-Token; set_webhook = true makes Concierge call setWebhook at start-up.
+# webhook_secret_env = "TELEGRAM_WEBHOOK_SECRET"
+# set_webhook = true
+# public_url = "https://concierge.example.com"
+
+# WhatsApp Business Cloud API number (uncomment to use). Point the app's webhook at
+# <public URL>/whatsapp/main (GET verification and POST notifications).
+# [whatsapp.main]
+# agent = "echo"
+# app_secret_env = "WHATSAPP_APP_SECRET"    # key of X-Hub-Signature-256
+# verify_token_env = "WHATSAPP_VERIFY_TOKEN"
+# access_token_env = "WHATSAPP_ACCESS_TOKEN"
+# phone_number_id = "106540352242922"
+# graph_base = "https://graph.facebook.com"
+# api_version = "v23.0"
 "#;

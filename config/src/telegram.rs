@@ -141,25 +141,24 @@ impl Ctx<'_> {
     fn telegram_bot(&mut self, p: &str, name: &str, raw: RawTelegram, agent_ids: &[String]) -> TelegramConfig {
         let k = |key: &str| format!("{p}.{key}");
         let agent = self.channel_agent(&k("agent"), raw.agent.as_ref(), agent_ids, "this bot's updates");
-        let token =
-            match self.secret(p, "token", raw.token.as_ref(), raw.token_env.as_ref(), raw.token_file.as_ref()) {
-                Got::Found(t) => {
-                    if !valid_bot_token(t.expose()) {
-                        self.err(
-                            &k("token"),
-                            "not a bot token: expected \"<bot id>:<secret>\" as given by @BotFather (value not shown)",
-                        );
-                        Secret::new("")
-                    } else {
-                        t
-                    }
-                }
-                Got::Bad => Secret::new(""),
-                Got::Missing => {
-                    self.err(&k("token"), "required: set token, token_env or token_file");
+        let token = match self.secret(p, "token", raw.token.as_ref(), raw.token_env.as_ref(), raw.token_file.as_ref()) {
+            Got::Found(t) => {
+                if !valid_bot_token(t.expose()) {
+                    self.err(
+                        &k("token"),
+                        "not a bot token: expected \"<bot id>:<secret>\" as given by @BotFather (value not shown)",
+                    );
                     Secret::new("")
+                } else {
+                    t
                 }
-            };
+            }
+            Got::Bad => Secret::new(""),
+            Got::Missing => {
+                self.err(&k("token"), "required: set token, token_env or token_file");
+                Secret::new("")
+            }
+        };
         let mode = match self.choice(&k("mode"), raw.mode.as_ref(), &["poll", "webhook"]) {
             Some("webhook") => TelegramMode::Webhook,
             _ => TelegramMode::Poll,

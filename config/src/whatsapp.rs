@@ -78,7 +78,10 @@ impl Ctx<'_> {
                 if let Some(first) = numbers.get(&wa.phone_number_id) {
                     self.err(
                         &format!("{path}.phone_number_id"),
-                        format!("already configured for {}: one owner per phone number", display_key("whatsapp", first)),
+                        format!(
+                            "already configured for {}: one owner per phone number",
+                            display_key("whatsapp", first)
+                        ),
                     );
                     continue;
                 }
@@ -92,16 +95,17 @@ impl Ctx<'_> {
     fn whatsapp_number(&mut self, p: &str, name: &str, raw: RawWhatsApp, agent_ids: &[String]) -> WhatsAppConfig {
         let k = |key: &str| format!("{p}.{key}");
         let agent = self.channel_agent(&k("agent"), raw.agent.as_ref(), agent_ids, "this number's messages");
-        let required = |cx: &mut Self, key: &str, inline: Option<&Text>, env: Option<&Text>, file: Option<&Text>| {
-            match cx.secret(p, key, inline, env, file) {
+        let required =
+            |cx: &mut Self, key: &str, inline: Option<&Text>, env: Option<&Text>, file: Option<&Text>| match cx
+                .secret(p, key, inline, env, file)
+            {
                 Got::Found(s) => s,
                 Got::Bad => Secret::new(""),
                 Got::Missing => {
                     cx.err(&k(key), format!("required: set {key}, {key}_env or {key}_file"));
                     Secret::new("")
                 }
-            }
-        };
+            };
         let app_secret = required(
             self,
             "app_secret",
@@ -136,10 +140,9 @@ impl Ctx<'_> {
             Some(t) => self.http_url(&k("graph_base"), t).trim_end_matches('/').to_string(),
         };
         let api_version = self.string(&k("api_version"), raw.api_version.as_ref(), DEFAULT_API_VERSION);
-        let version_ok = api_version
-            .strip_prefix('v')
-            .and_then(|r| r.split_once('.'))
-            .is_some_and(|(a, b)| !a.is_empty() && !b.is_empty() && (a.to_string() + b).chars().all(|c| c.is_ascii_digit()));
+        let version_ok = api_version.strip_prefix('v').and_then(|r| r.split_once('.')).is_some_and(|(a, b)| {
+            !a.is_empty() && !b.is_empty() && (a.to_string() + b).chars().all(|c| c.is_ascii_digit())
+        });
         if !version_ok {
             self.err(&k("api_version"), format!("invalid Graph API version {api_version:?}: expected e.g. \"v23.0\""));
         }

@@ -125,12 +125,7 @@ pub struct FakeTelegram {
 impl FakeTelegram {
     /// Starts the fake on a free loopback port.
     pub async fn start(options: Options) -> anyhow::Result<FakeTelegram> {
-        let inner = Arc::new(Inner {
-            bots: Mutex::default(),
-            changed: Notify::new(),
-            options,
-            seq: AtomicU64::new(0),
-        });
+        let inner = Arc::new(Inner { bots: Mutex::default(), changed: Notify::new(), options, seq: AtomicU64::new(0) });
         let app = Router::new().route("/{bot}/{method}", any(handle)).with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let api_base = format!("http://{}", listener.local_addr()?);
@@ -155,7 +150,11 @@ impl FakeTelegram {
         let id = {
             let mut bots = self.bots();
             let bot = bots.entry(token.to_string()).or_insert_with(|| Bot { next_id: 100_000, ..Bot::default() });
-            let gap = if self.inner.options.id_gaps { 1 + (self.inner.seq.fetch_add(1, Ordering::Relaxed) % 3) as i64 } else { 1 };
+            let gap = if self.inner.options.id_gaps {
+                1 + (self.inner.seq.fetch_add(1, Ordering::Relaxed) % 3) as i64
+            } else {
+                1
+            };
             bot.next_id += gap;
             let id = bot.next_id;
             let mut obj = Map::new();

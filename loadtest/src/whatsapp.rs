@@ -261,7 +261,12 @@ async fn messages(
         let recent = graph.sends.iter().rev().take_while(|s| now.duration_since(s.at) < Duration::from_secs(1)).count();
         if recent as u32 >= rate {
             graph.refused += 1;
-            return graph_error(StatusCode::BAD_REQUEST, 130429, "(#130429) Rate limit hit", "Cloud API message throughput has been reached.");
+            return graph_error(
+                StatusCode::BAD_REQUEST,
+                130429,
+                "(#130429) Rate limit hit",
+                "Cloud API message throughput has been reached.",
+            );
         }
     }
     let n = inner.seq.fetch_add(1, Ordering::Relaxed);

@@ -347,10 +347,13 @@ async fn drive(
                 tokio::select! {
                     frame = session.reader.next::<ToAgent>() => match frame? {
                         Some(ToAgent::Deliver { events }) => {
-                            for event in events {
-                                if event.offset <= handed_up_to {
+                            for record in events {
+                                if record.offset <= handed_up_to {
                                     continue; // already handed to the application before a reconnect
                                 }
+                                let event = record.decode().map_err(|e| {
+                                    ClientError::Protocol(format!("event at offset {} does not decode: {e}", record.offset))
+                                })?;
                                 handed_up_to = event.offset;
                                 if incoming.send(Incoming::Event(event)).await.is_err() {
                                     return Ok(true);

@@ -74,6 +74,26 @@ pub struct Event {
     pub data: EventData,
 }
 
+/// A stored event still in its stored encoding: what the store returns and what `Deliver`
+/// carries, so the proxy forwards events without decoding and re-encoding each one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// Per-agent offset.
+    pub offset: u64,
+    /// Copy of `EventData::received_at_ms`, for latency metrics without decoding.
+    pub received_at_ms: u64,
+    /// `EventData::to_record()` bytes.
+    #[serde(with = "serde_bytes")]
+    pub record: Vec<u8>,
+}
+
+impl EventRecord {
+    /// Decodes the event, naming the offset if the bytes are bad.
+    pub fn decode(&self) -> Result<Event, RecordError> {
+        Ok(Event { offset: self.offset, data: EventData::from_record(&self.record)? })
+    }
+}
+
 /// Stored records begin with this byte so the encoding can evolve without a migration.
 pub const RECORD_VERSION: u8 = 1;
 

@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::event::{ChannelRef, Event};
+use crate::event::{ChannelRef, EventRecord};
 
 /// The protocol versions this build speaks; `Hello` with another one is rejected naming these.
 pub const SUPPORTED_VERSIONS: &[u32] = &[1];
@@ -68,10 +68,10 @@ pub enum ToAgent {
         /// Human-readable explanation.
         message: String,
     },
-    /// Events in offset order.
+    /// Events in offset order, in their stored encoding (the SDK decodes them).
     Deliver {
         /// One or more events, each offset higher than the last delivered.
-        events: Vec<Event>,
+        events: Vec<EventRecord>,
     },
     /// Finish what is in hand, ack it and disconnect: the proxy is about to stop this agent.
     Drain {

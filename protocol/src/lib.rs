@@ -7,5 +7,5 @@ pub mod frame;
 pub mod io;
 pub mod tls;
 
-pub use event::{Attachment, ChannelRef, Event, EventData, now_ms};
+pub use event::{Attachment, ChannelRef, Event, EventData, EventRecord, now_ms};
 pub use frame::{RejectCode, SendRequest, SendResult, ToAgent, ToProxy};

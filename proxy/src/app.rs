@@ -57,6 +57,7 @@ impl App {
 #[async_trait]
 impl EventSink for App {
     async fn ingest(&self, event: EventData) -> Result<Ingested, SinkError> {
+        let received = std::time::Instant::now();
         let (kind, name) = (event.channel.kind.as_str(), event.channel.name.as_str());
         let Some(agent) = self.fleet.get(&event.agent) else {
             self.metrics.ingested(kind, name, "rejected", None);
@@ -84,7 +85,7 @@ impl EventSink for App {
         }
         match result {
             Ok(Appended::Stored(offset)) => {
-                agent.stored(offset);
+                agent.stored(offset, received);
                 Ok(Ingested { offset, duplicate: false })
             }
             Ok(Appended::Duplicate(offset)) => Ok(Ingested { offset, duplicate: true }),

@@ -83,13 +83,13 @@ impl AgentRuntime {
     }
 
     /// Records a newly stored offset and wakes sessions tailing the log.
-    pub fn stored(&self, offset: u64) {
+    pub fn stored(&self, offset: u64, received: std::time::Instant) {
         self.head.send_if_modified(|h| {
             let advanced = offset > *h;
             *h = (*h).max(offset);
             advanced
         });
-        self.input(Input::EventStored);
+        self.input(Input::EventStored { received });
     }
 
     /// Highest stored offset known to this process.
@@ -150,7 +150,7 @@ impl AgentRuntime {
     /// Records an operator rewind (the cursor moved back): pending work may wake the agent.
     pub fn rewound(&self, cursor: u64) {
         self.cursor.store(cursor, Ordering::Relaxed);
-        self.input(Input::EventStored);
+        self.input(Input::EventStored { received: std::time::Instant::now() });
     }
 
     /// Records a delivered batch ending at `last`; returns the previous high-water mark.

@@ -4,8 +4,8 @@
 pub mod admin;
 pub mod app;
 pub mod certs;
-pub mod dashboard;
 pub mod channels;
+pub mod dashboard;
 pub mod fleet;
 pub mod lifecycle;
 pub mod metrics;

@@ -57,8 +57,17 @@ pub struct Settings {
 /// Something that happened.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Input {
-    /// A new event was stored for this agent.
-    EventStored,
+    /// A new event was stored for this agent; `received` is when ingress got it, where a
+    /// wake's timings start.
+    EventStored {
+        /// When the event reached the proxy.
+        received: Instant,
+    },
+    /// The runner is calling the driver now (recorded where it happens, not when decided).
+    DriverCalled {
+        /// When the call started.
+        at: Instant,
+    },
     /// An operator asked for a wake now.
     WakeRequested,
     /// The driver's `wake` call finished.
@@ -224,13 +233,19 @@ impl Lifecycle {
     /// Advances the machine.
     pub fn handle(&mut self, input: Input, now: Instant) -> Vec<Action> {
         match input {
-            Input::EventStored => {
+            Input::EventStored { received } => {
                 self.pending = true;
-                self.on_event(now)
+                self.on_event(received.min(now))
+            }
+            Input::DriverCalled { at } => {
+                if let Some(w) = self.current.as_mut().filter(|w| w.driver_called_after_ms.is_none()) {
+                    w.driver_called_after_ms = w.since(at);
+                }
+                Vec::new()
             }
             Input::WakeRequested => match self.state {
                 State::Asleep | State::Unreachable => self.begin_wake("operator", now),
-                State::Waking if self.timer == Timer::Retry => self.attempt_now(now),
+                State::Waking if self.timer == Timer::Retry => self.attempt_now(),
                 _ => Vec::new(),
             },
             Input::DriverReturned(result) => self.on_driver_returned(result, now),
@@ -293,10 +308,10 @@ impl Lifecycle {
         self.state = State::Waking;
         self.attempt = 0;
         self.current = Some(WakeRecord::new(reason, now));
-        self.attempt_now(now)
+        self.attempt_now()
     }
 
-    fn attempt_now(&mut self, now: Instant) -> Vec<Action> {
+    fn attempt_now(&mut self) -> Vec<Action> {
         if self.driver_in_flight {
             // Single-flight: the running call's result belongs to an earlier wake.
             self.call_when_returned = true;
@@ -307,9 +322,6 @@ impl Lifecycle {
         self.set_timer(Timer::None, None);
         if let Some(w) = self.current.as_mut() {
             w.attempts += 1;
-            if w.driver_called_after_ms.is_none() {
-                w.driver_called_after_ms = w.since(now);
-            }
         }
         vec![Action::CallDriver { attempt: self.attempt }]
     }
@@ -318,7 +330,7 @@ impl Lifecycle {
         self.driver_in_flight = false;
         if std::mem::take(&mut self.call_when_returned) {
             // That result answered a previous wake; this wake has not called the driver yet.
-            return if self.state == State::Waking { self.attempt_now(now) } else { Vec::new() };
+            return if self.state == State::Waking { self.attempt_now() } else { Vec::new() };
         }
         if self.state != State::Waking {
             return Vec::new(); // the agent connected before the driver returned, or was woken otherwise
@@ -387,12 +399,12 @@ impl Lifecycle {
         self.deadline = None;
         match (timer, self.state) {
             (Timer::Coalesce, State::Asleep) => self.begin_wake("event", now),
-            (Timer::Retry, State::Waking) => self.attempt_now(now),
+            (Timer::Retry, State::Waking) => self.attempt_now(),
             (Timer::Retry, State::Unreachable) => {
                 self.state = State::Waking;
                 self.attempt = self.settings.max_attempts.saturating_sub(1);
                 self.current = Some(WakeRecord::new("retry", now));
-                self.attempt_now(now)
+                self.attempt_now()
             }
             (Timer::ConnectTimeout, State::Waking) => {
                 let message = format!(
@@ -456,9 +468,9 @@ mod tests {
     fn events_while_waking_produce_one_driver_call() {
         let t = Instant::now();
         let mut m = Lifecycle::new(settings(Policy::Immediate), false);
-        assert_eq!(m.handle(Input::EventStored, t), vec![Action::CallDriver { attempt: 1 }]);
+        assert_eq!(m.handle(Input::EventStored { received: t }, t), vec![Action::CallDriver { attempt: 1 }]);
         for _ in 0..100 {
-            assert!(m.handle(Input::EventStored, t).is_empty());
+            assert!(m.handle(Input::EventStored { received: t }, t).is_empty());
         }
         assert!(m.handle(Input::WakeRequested, t).is_empty());
         assert_eq!(m.state(), State::Waking);
@@ -468,7 +480,7 @@ mod tests {
     fn driver_success_is_not_enough_without_a_connection() {
         let t = Instant::now();
         let mut m = Lifecycle::new(settings(Policy::Immediate), false);
-        m.handle(Input::EventStored, t);
+        m.handle(Input::EventStored { received: t }, t);
         assert!(m.handle(Input::DriverReturned(Ok(())), t).is_empty());
         assert_eq!(m.state(), State::Waking);
         assert_eq!(m.deadline(), Some(t + Duration::from_secs(10)));
@@ -484,7 +496,7 @@ mod tests {
     fn failures_back_off_then_become_unreachable_and_keep_retrying() {
         let t = Instant::now();
         let mut m = Lifecycle::new(settings(Policy::Immediate), false);
-        m.handle(Input::EventStored, t);
+        m.handle(Input::EventStored { received: t }, t);
         let mut now = t;
         for attempt in 2..=3 {
             m.handle(fail(true), now);
@@ -495,7 +507,7 @@ mod tests {
         assert_eq!(m.state(), State::Unreachable);
         assert_eq!(m.last_wake().unwrap().outcome, "unreachable");
         assert_eq!(m.deadline(), Some(now + Duration::from_secs(60)));
-        assert!(m.handle(Input::EventStored, now).is_empty(), "events buffer while unreachable");
+        assert!(m.handle(Input::EventStored { received: now }, now).is_empty(), "events buffer while unreachable");
         let later = now + Duration::from_secs(60);
         assert_eq!(m.handle(Input::Timer, later).len(), 1, "periodic retry continues");
         m.handle(Input::Connected, later);
@@ -507,7 +519,7 @@ mod tests {
     fn non_retryable_failure_is_unreachable_at_once() {
         let t = Instant::now();
         let mut m = Lifecycle::new(settings(Policy::Immediate), false);
-        m.handle(Input::EventStored, t);
+        m.handle(Input::EventStored { received: t }, t);
         m.handle(fail(false), t);
         assert_eq!(m.state(), State::Unreachable);
     }
@@ -516,8 +528,11 @@ mod tests {
     fn coalesce_gathers_then_wakes_once() {
         let t = Instant::now();
         let mut m = Lifecycle::new(settings(Policy::Coalesce(Duration::from_secs(30))), false);
-        assert!(m.handle(Input::EventStored, t).is_empty());
-        assert!(m.handle(Input::EventStored, t + Duration::from_secs(10)).is_empty());
+        assert!(m.handle(Input::EventStored { received: t }, t).is_empty());
+        assert!(
+            m.handle(Input::EventStored { received: t + Duration::from_secs(10) }, t + Duration::from_secs(10))
+                .is_empty()
+        );
         assert_eq!(m.deadline(), Some(t + Duration::from_secs(30)), "the window is not extended by later events");
         assert_eq!(m.handle(Input::Timer, t + Duration::from_secs(30)), vec![Action::CallDriver { attempt: 1 }]);
     }
@@ -526,7 +541,7 @@ mod tests {
     fn never_policy_waits_for_the_agent_but_operators_can_wake() {
         let t = Instant::now();
         let mut m = Lifecycle::new(settings(Policy::Never), false);
-        assert!(m.handle(Input::EventStored, t).is_empty());
+        assert!(m.handle(Input::EventStored { received: t }, t).is_empty());
         assert_eq!(m.state(), State::Asleep);
         assert_eq!(m.handle(Input::WakeRequested, t).len(), 1);
         m.handle(Input::Connected, t);
@@ -537,11 +552,12 @@ mod tests {
     fn wake_timings_are_recorded() {
         let t = Instant::now();
         let mut m = Lifecycle::new(settings(Policy::Immediate), false);
-        m.handle(Input::EventStored, t);
+        m.handle(Input::EventStored { received: t }, t + Duration::from_millis(1));
+        m.handle(Input::DriverCalled { at: t + Duration::from_millis(2) }, t + Duration::from_millis(2));
         m.handle(Input::Connected, t + Duration::from_millis(40));
         m.handle(Input::Delivered, t + Duration::from_millis(45));
         let w = m.last_wake().unwrap();
-        assert_eq!(w.driver_called_after_ms, Some(0.0));
+        assert_eq!(w.driver_called_after_ms, Some(2.0), "measured from receipt to the real call");
         assert_eq!(w.connected_after_ms, Some(40.0));
         assert_eq!(w.first_delivery_after_ms, Some(45.0));
     }
@@ -557,7 +573,7 @@ mod tests {
         let at = m.deadline().unwrap();
         assert_eq!(at, t + Duration::from_secs(30));
         assert_eq!(m.handle(Input::Timer, at), vec![Action::Sleep]);
-        m.handle(Input::EventStored, at);
+        m.handle(Input::EventStored { received: at }, at);
         // The first wake's driver call is still running (the agent connected before it
         // returned): the new wake calls the driver as soon as that stale call returns.
         assert!(m.handle(Input::Disconnected, at).is_empty());
@@ -574,7 +590,7 @@ mod tests {
         let t = Instant::now();
         let mut m = Lifecycle::new(settings(Policy::Immediate), false);
         m.handle(Input::Connected, t);
-        m.handle(Input::EventStored, t);
+        m.handle(Input::EventStored { received: t }, t);
         assert_eq!(m.handle(Input::Disconnected, t).len(), 1);
         let mut m = Lifecycle::new(settings(Policy::Immediate), false);
         m.handle(Input::Connected, t);

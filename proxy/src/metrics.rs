@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use concierge_protocol::{Event, EventData, SendResult, now_ms};
+use concierge_protocol::{EventData, EventRecord, SendResult, now_ms};
 use concierge_store::{Appended, Position, SendClaim, Stats, Store, StoreError};
 use futures::StreamExt as _;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -546,8 +546,8 @@ impl Store for MeteredStore {
     async fn append(&self, event: &EventData) -> Result<Appended, StoreError> {
         self.timed("append", &event.agent, self.inner.append(event)).await
     }
-    async fn read(&self, agent: &str, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
-        self.timed("read", agent, self.inner.read(agent, after, limit)).await
+    async fn read_records(&self, agent: &str, after: u64, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
+        self.timed("read", agent, self.inner.read_records(agent, after, limit)).await
     }
     async fn ack(&self, agent: &str, up_to: u64) -> Result<u64, StoreError> {
         self.timed("ack", agent, self.inner.ack(agent, up_to)).await

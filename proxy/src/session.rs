@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use concierge_protocol::frame::SUPPORTED_VERSIONS;
 use concierge_protocol::io::{FrameReader, IoError, write_frame};
-use concierge_protocol::{RejectCode, SendResult, ToAgent, ToProxy};
+use concierge_protocol::{EventRecord, RejectCode, SendResult, ToAgent, ToProxy};
 use tokio::sync::watch;
 use tracing::Instrument as _;
 use tracing::field::Empty;
@@ -132,6 +132,10 @@ impl From<IoError> for SessionError {
 }
 
 /// Welcome, then replay from the cursor and tail the log within the credit window.
+///
+/// Two things keep replay fast: the next batch is read from the store while the current one
+/// is written to the agent, and acks are persisted by a companion future, so delivery never
+/// waits for the store's ack. Every exit flushes the latest ack.
 async fn deliver(
     app: &App,
     agent: &AgentRuntime,
@@ -139,14 +143,9 @@ async fn deliver(
     window: u32,
     send: &mut quinn::SendStream,
     reader: &mut FrameReader,
-    mut drain: watch::Receiver<bool>,
+    drain: watch::Receiver<bool>,
 ) -> Result<(), SessionError> {
     let position = app.store.position(agent.id()).await?;
-    let mut acked = position.cursor;
-    let mut sent = position.cursor;
-    // The agent's initial credit, capped by the configured window (a bound on proxy memory).
-    let cap = u64::from(agent.config.window.max(1));
-    let mut window = u64::from(window).clamp(1, cap);
     let welcome = ToAgent::Welcome {
         session: format!("{session:x}"),
         epoch: position.epoch,
@@ -154,22 +153,71 @@ async fn deliver(
         backlog: position.head.saturating_sub(position.cursor),
     };
     write_frame(send, &welcome).await?;
+    let (acks, acks_rx) = watch::channel(position.cursor);
+    let result = stream_events(app, agent, session, window, position.cursor, send, reader, drain, &acks, acks_rx).await;
+    let latest = *acks.borrow();
+    if latest > position.cursor {
+        match app.store.ack(agent.id(), latest).await {
+            Ok(cursor) => agent.acked(cursor),
+            Err(e) => {
+                tracing::warn!(agent = agent.id(), error = %e, "could not persist the final ack; those events will be redelivered")
+            }
+        }
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn stream_events(
+    app: &App,
+    agent: &AgentRuntime,
+    session: u64,
+    window: u32,
+    cursor: u64,
+    send: &mut quinn::SendStream,
+    reader: &mut FrameReader,
+    mut drain: watch::Receiver<bool>,
+    acks: &watch::Sender<u64>,
+    acks_rx: watch::Receiver<u64>,
+) -> Result<(), SessionError> {
+    let mut acked = cursor;
+    let mut sent = cursor;
+    // The agent's initial credit, capped by the configured window (a bound on proxy memory).
+    let cap = u64::from(agent.config.window.max(1));
+    let mut window = u64::from(window).clamp(1, cap);
     let mut head = agent.watch_head();
     let mut paused = agent.watch_paused();
     let mut delivered_any = false;
     let mut draining = false;
+    let mut prefetched: Option<Vec<EventRecord>> = None;
+    let persist = persist_acks(app, agent, acks_rx);
+    tokio::pin!(persist);
     loop {
         // Fill the window from the log (nothing while an operator paused delivery).
         while !draining && !*paused.borrow_and_update() && sent < *head.borrow_and_update() && sent - acked < window {
             let room = (window - (sent - acked)).min(MAX_BATCH as u64) as usize;
             // Replay span: its agent + offset range links it to the ingest spans of those offsets.
             let span = tracing::debug_span!("replay", agent = agent.id(), session, from = sent + 1, to = Empty);
-            let events = read_batch(app, agent.id(), sent, room).instrument(span.clone()).await?;
-            let Some(last) = events.last() else { break };
-            sent = last.offset;
-            span.record("to", sent);
-            let timings: Vec<(u64, u64)> = events.iter().map(|e| (e.offset, e.data.received_at_ms)).collect();
-            write_frame(send, &ToAgent::Deliver { events }).instrument(span).await?;
+            let events = match prefetched.take() {
+                Some(batch) => batch,
+                None => read_batch(app, agent.id(), sent, room).instrument(span.clone()).await?,
+            };
+            let Some(last) = events.last().map(|e| e.offset) else { break };
+            span.record("to", last);
+            let timings: Vec<(u64, u64)> = events.iter().map(|e| (e.offset, e.received_at_ms)).collect();
+            let next_room = (window.saturating_sub(last - acked)).min(MAX_BATCH as u64) as usize;
+            let frame = ToAgent::Deliver { events };
+            if last < agent.head() && next_room > 0 {
+                let (written, next) = tokio::join!(
+                    write_frame(send, &frame).instrument(span.clone()),
+                    read_batch(app, agent.id(), last, next_room)
+                );
+                written?;
+                prefetched = Some(next?).filter(|b| !b.is_empty());
+            } else {
+                write_frame(send, &frame).instrument(span).await?;
+            }
+            sent = last;
             app.metrics.delivered(&timings, agent.note_delivered(sent));
             if !delivered_any {
                 delivered_any = true;
@@ -178,7 +226,10 @@ async fn deliver(
         }
         tokio::select! {
             frame = reader.next::<ToProxy>() => match frame? {
-                Some(ToProxy::Credit { window: w }) => window = u64::from(w).clamp(1, cap),
+                Some(ToProxy::Credit { window: w }) => {
+                    window = u64::from(w).clamp(1, cap);
+                    prefetched = None; // sized for the old window
+                }
                 Some(ToProxy::Ack { up_to }) => {
                     // An agent may ack beyond this session's deliveries: after a reconnect the
                     // SDK re-sends an ack whose first copy was lost with the old connection.
@@ -188,15 +239,19 @@ async fn deliver(
                         return Err(SessionError::Protocol(format!("Ack up to {up_to} but the log ends at {head}")));
                     }
                     if up_to > acked {
-                        acked = app.store.ack(agent.id(), up_to).await?;
-                        agent.acked(acked);
-                        sent = sent.max(acked);
+                        acked = up_to;
+                        acks.send_replace(up_to);
+                        if acked > sent {
+                            sent = acked;
+                            prefetched = None; // starts at or before what is now acked
+                        }
                     }
                 }
                 Some(ToProxy::Idle) => agent.input(Input::Idle),
                 Some(other) => return Err(SessionError::Protocol(format!("unexpected frame on the session stream: {}", frame_name(&other)))),
                 None => return Ok(()),
             },
+            failed = &mut persist => return failed,
             changed = head.changed() => if changed.is_err() { return Ok(()) },
             changed = paused.changed() => if changed.is_err() { return Ok(()) },
             changed = drain.changed(), if !draining => {
@@ -211,20 +266,26 @@ async fn deliver(
     }
 }
 
+/// Persists acks as they come, always the latest one; returns only when the store fails.
+async fn persist_acks(app: &App, agent: &AgentRuntime, mut acks: watch::Receiver<u64>) -> Result<(), SessionError> {
+    while acks.changed().await.is_ok() {
+        let up_to = *acks.borrow_and_update();
+        let cursor = app.store.ack(agent.id(), up_to).await?;
+        agent.acked(cursor);
+    }
+    // The session is ending; it flushes the last ack itself.
+    std::future::pending().await
+}
+
 /// Reads up to `room` events after `after`, capped so the frame stays under the ceiling.
-async fn read_batch(
-    app: &App,
-    agent: &str,
-    after: u64,
-    room: usize,
-) -> Result<Vec<concierge_protocol::Event>, SessionError> {
-    let mut events = app.store.read(agent, after, room).await?;
+async fn read_batch(app: &App, agent: &str, after: u64, room: usize) -> Result<Vec<EventRecord>, SessionError> {
+    let mut events = app.store.read_records(agent, after, room).await?;
     let budget = app.max_frame / 2;
     let mut bytes = 0;
     let keep = events
         .iter()
         .position(|e| {
-            bytes += e.data.size_hint() + 64;
+            bytes += e.record.len() + 32;
             bytes > budget
         })
         .unwrap_or(events.len())

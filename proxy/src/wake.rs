@@ -136,7 +136,10 @@ fn perform(
                             message: "no wake driver configured; waiting for the agent to connect".into(),
                             retryable: false,
                         }),
-                        Some(d) => match tokio::time::timeout(cap, d.wake(&request)).await {
+                        Some(d) => match {
+                            agent.input(Input::DriverCalled { at: Instant::now() });
+                            tokio::time::timeout(cap, d.wake(&request)).await
+                        } {
                             Ok(Ok(())) => Ok(()),
                             Ok(Err(e)) => Err(DriverFailure {
                                 message: format!("{} driver: {}", d.kind(), e.message),

@@ -264,7 +264,7 @@ async fn malformed_send_streams_get_an_error_and_the_session_survives() {
     match tokio::time::timeout(T, session.next::<ToAgent>()).await.expect("delivery in time") {
         Ok(Some(ToAgent::Deliver { events })) => {
             assert_eq!(events.len(), 1);
-            assert_eq!(events[0].data.raw, br#"{"x":1}"#);
+            assert_eq!(events[0].decode().unwrap().data.raw, br#"{"x":1}"#);
         }
         other => panic!("expected a Deliver on the surviving session, got {other:?}"),
     }

@@ -6,7 +6,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -53,7 +52,12 @@ fn push_stream(fake: &FakeTelegram, n: usize, every: Duration) -> tokio::task::J
 
 async fn wait_confirmed(fake: &FakeTelegram, at_least: usize, within: Duration, proxy: &Proxy) {
     let ok = eventually(within, || async { (fake.confirmed(BOT_TOKEN).len() >= at_least).then_some(()) }).await;
-    assert!(ok.is_some(), "fewer than {at_least} updates confirmed: {:?}; log:\n{}", fake.confirmed(BOT_TOKEN), proxy.log());
+    assert!(
+        ok.is_some(),
+        "fewer than {at_least} updates confirmed: {:?}; log:\n{}",
+        fake.confirmed(BOT_TOKEN),
+        proxy.log()
+    );
 }
 
 async fn wait_all_confirmed(fake: &FakeTelegram, within: Duration, proxy: &Proxy) {
@@ -223,7 +227,7 @@ async fn hundred_rapid_replies_are_paced_in_order_and_once() {
     );
     let config = write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &body);
     let proxy = Proxy::start(&config);
-    let agent = Arc::new(proxy.connect("a").await);
+    let agent = proxy.connect("a").await;
 
     // Phase 1, order kept: the agent fires each reply the moment the previous one returns,
     // far faster than the chat may receive them; the proxy spaces them.
@@ -280,7 +284,8 @@ async fn hundred_rapid_replies_are_paced_in_order_and_once() {
     };
     let r = agent.send(structured("typing", r#"{"method":"sendChatAction","action":"typing"}"#)).await.unwrap();
     assert_eq!(r, SendResult::Ok { platform_ids: vec![] });
-    let r = agent.send(structured("edit", r#"{"method":"editMessageText","message_id":1,"text":"edited"}"#)).await.unwrap();
+    let r =
+        agent.send(structured("edit", r#"{"method":"editMessageText","message_id":1,"text":"edited"}"#)).await.unwrap();
     assert!(matches!(r, SendResult::Ok { .. }), "{r:?}");
     let r = agent.send(structured("evil", r#"{"method":"deleteWebhook"}"#)).await.unwrap();
     assert!(matches!(&r, SendResult::Err { code, retryable: false, .. } if code == "bad_request"), "{r:?}");

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use concierge_protocol::{Event, EventData, SendResult};
+use concierge_protocol::{Event, EventData, EventRecord, SendResult};
 
 pub mod redis;
 pub mod sqlite;
@@ -110,9 +110,18 @@ pub trait Store: Send + Sync + 'static {
     /// Dedupes and appends one event (the agent is `event.agent`).
     async fn append(&self, event: &EventData) -> Result<Appended, StoreError>;
 
-    /// Events with offset in `(after, after + ..]`, at most `limit`, in offset order.
-    /// Acked events still retained are returned too.
-    async fn read(&self, agent: &str, after: u64, limit: usize) -> Result<Vec<Event>, StoreError>;
+    /// Events with offset in `(after, ..]`, at most `limit`, in offset order, still encoded
+    /// (the delivery path forwards them as they are). Acked events still retained are included.
+    async fn read_records(&self, agent: &str, after: u64, limit: usize) -> Result<Vec<EventRecord>, StoreError>;
+
+    /// [`Store::read_records`], decoded: for the admin API and tests.
+    async fn read(&self, agent: &str, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
+        self.read_records(agent, after, limit)
+            .await?
+            .iter()
+            .map(|r| r.decode().map_err(|e| StoreError::Corrupt(format!("agent {agent:?} offset {}: {e}", r.offset))))
+            .collect()
+    }
 
     /// Advances the cursor to `up_to` (never backwards, never past head) and trims acked
     /// events beyond the retention. Returns the new cursor.

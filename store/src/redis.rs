@@ -21,7 +21,7 @@ use std::time::Duration;
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::{Client, Script, Value};
 use async_trait::async_trait;
-use concierge_protocol::{Event, EventData, SendResult};
+use concierge_protocol::{EventData, EventRecord, SendResult};
 
 use crate::{
     Appended, Position, SendClaim, Stats, Store, StoreError, StoreOptions, decode_result, encode_result, new_epoch,
@@ -216,7 +216,7 @@ impl Store for RedisStore {
         Ok(if stored == 1 { Appended::Stored(offset) } else { Appended::Duplicate(offset) })
     }
 
-    async fn read(&self, agent: &str, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
+    async fn read_records(&self, agent: &str, after: u64, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
         if limit == 0 {
             return Ok(Vec::new());
         }
@@ -430,7 +430,7 @@ fn escape_agent(agent: &str) -> String {
 }
 
 /// Turns an XRANGE reply (`[[id, [field, value, ...]], ...]`) into events.
-fn parse_entries(agent: &str, reply: Value) -> Result<Vec<Event>, StoreError> {
+fn parse_entries(agent: &str, reply: Value) -> Result<Vec<EventRecord>, StoreError> {
     let corrupt = |what: &str| StoreError::Corrupt(format!("Redis stream of agent {agent:?}: {what}"));
     let Value::Array(entries) = reply else {
         return Err(corrupt("XRANGE did not return an array"));
@@ -443,13 +443,19 @@ fn parse_entries(agent: &str, reply: Value) -> Result<Vec<Event>, StoreError> {
             .strip_prefix("0-")
             .and_then(|o| o.parse::<u64>().ok())
             .ok_or_else(|| corrupt(&format!("unexpected entry id {id:?}")))?;
-        let record = fields
-            .chunks_exact(2)
-            .find(|pair| pair[0] == b"record")
-            .map(|pair| &pair[1])
-            .ok_or_else(|| corrupt(&format!("entry {id} has no record")))?;
-        let data = EventData::from_record(record).map_err(|e| corrupt(&format!("offset {offset}: {e}")))?;
-        events.push(Event { offset, data });
+        let mut record = None;
+        let mut received_at_ms = 0;
+        for pair in fields.chunks_exact(2) {
+            match pair[0].as_slice() {
+                b"record" => record = Some(pair[1].clone()),
+                b"received_ms" => {
+                    received_at_ms = std::str::from_utf8(&pair[1]).ok().and_then(|t| t.parse().ok()).unwrap_or(0)
+                }
+                _ => {}
+            }
+        }
+        let record = record.ok_or_else(|| corrupt(&format!("entry {id} has no record")))?;
+        events.push(EventRecord { offset, received_at_ms, record });
     }
     Ok(events)
 }

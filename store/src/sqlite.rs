@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use async_trait::async_trait;
-use concierge_protocol::{Event, EventData, SendResult, now_ms};
+use concierge_protocol::{EventData, EventRecord, SendResult, now_ms};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
@@ -250,24 +250,22 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn read(&self, agent: &str, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
+    async fn read_records(&self, agent: &str, after: u64, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
         let agent = agent.to_owned();
         let after = sql_int(after);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.read_with(move |conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT offset, record FROM events WHERE agent = ?1 AND offset > ?2 ORDER BY offset LIMIT ?3",
+                "SELECT offset, received_ms, record FROM events WHERE agent = ?1 AND offset > ?2 ORDER BY offset LIMIT ?3",
             )?;
-            let rows =
-                stmt.query_map(params![agent, after, limit], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
-            let mut events = Vec::new();
-            for row in rows {
-                let (offset, record) = row?;
-                let data = EventData::from_record(&record)
-                    .map_err(|e| StoreError::Corrupt(format!("agent {agent:?} offset {offset}: {e}")))?;
-                events.push(Event { offset: offset as u64, data });
-            }
-            Ok(events)
+            let rows = stmt.query_map(params![agent, after, limit], |r| {
+                Ok(EventRecord {
+                    offset: r.get::<_, i64>(0)? as u64,
+                    received_at_ms: r.get::<_, i64>(1)? as u64,
+                    record: r.get::<_, Vec<u8>>(2)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
         .await
     }
