@@ -136,20 +136,18 @@ fn perform(
                             message: "no wake driver configured; waiting for the agent to connect".into(),
                             retryable: false,
                         }),
-                        Some(d) => match {
+                        Some(d) => {
                             agent.input(Input::DriverCalled { at: Instant::now() });
-                            tokio::time::timeout(cap, d.wake(&request)).await
-                        } {
-                            Ok(Ok(())) => Ok(()),
-                            Ok(Err(e)) => Err(DriverFailure {
-                                message: format!("{} driver: {}", d.kind(), e.message),
-                                retryable: e.retryable,
-                            }),
-                            Err(_) => Err(DriverFailure {
-                                message: format!("{} driver did not return within {cap:?}", d.kind()),
-                                retryable: true,
-                            }),
-                        },
+                            match tokio::time::timeout(cap, d.wake(&request)).await {
+                                Ok(Ok(())) => Ok(()),
+                                // Driver messages already name the driver.
+                                Ok(Err(e)) => Err(DriverFailure { message: e.message, retryable: e.retryable }),
+                                Err(_) => Err(DriverFailure {
+                                    message: format!("{} driver did not return within {cap:?}", d.kind()),
+                                    retryable: true,
+                                }),
+                            }
+                        }
                     };
                     match &result {
                         // The agent connected (and maybe already went back to sleep) before the
