@@ -39,6 +39,15 @@ pub trait EventSink: Send + Sync + 'static {
     async fn ingest(&self, event: EventData) -> Result<Ingested, SinkError>;
 }
 
+/// Where a held connection (poller, socket, listener) reports its health for the operator's
+/// API and dashboard; the proxy implements it over its metrics registry. Events received are
+/// counted by the sink, so only state changes are reported here.
+pub trait ConnectionReporter: Send + Sync + 'static {
+    /// Connection `channel`/`name` is now in `state` (`polling`, `conflict`, `stopped`, ...);
+    /// `error` says why when it is not healthy.
+    fn state(&self, channel: &str, name: &str, state: &str, error: Option<&str>);
+}
+
 /// Performs an agent's sends on one channel instance. Idempotency (promise 3) and binding
 /// checks (promise 4) are the caller's job; an implementation only sends and reports, with
 /// `retryable` set only when sending again cannot duplicate what the platform already has.

@@ -12,8 +12,10 @@
 //! is what confirms them to Telegram. If a write fails the offset stays, Telegram returns the
 //! same updates again and the dedupe key `tg:<bot id>:<update_id>` drops those already stored.
 //! Errors back off exponentially (1 s to 60 s); `409 Conflict` (another poller, or a webhook is
-//! set) is logged as an error, shown in [`poller_statuses`], and retried only every 30 s;
-//! `401`/`404` (bad token) every 5 minutes. The loop ends when the shutdown watch turns true.
+//! set) is logged as an error and retried only every 30 s; `401`/`404` (bad token) every 5
+//! minutes. Every state change (`starting`, `polling`, `backoff`, `conflict`, `unauthorized`,
+//! `stopped`, with the error) goes to the [`ConnectionReporter`] as `telegram/<bot>`, which is
+//! how the admin API and dashboard show it. The loop ends when the shutdown watch turns true.
 //!
 //! **Webhook mode.** `POST /telegram/{bot}`: the `X-Telegram-Bot-Api-Secret-Token` header is
 //! compared in constant time (401 otherwise), the body bounded (413), the update stored, and
@@ -27,10 +29,10 @@
 //! (at most `bot_rate` calls per second), so a burst is slowed, never dropped; a `429` waits
 //! `parameters.retry_after` and tries again (a 429 means nothing was sent).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -47,7 +49,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::http_util;
-use crate::{ChannelSender, EventSink, SinkError};
+use crate::{ChannelSender, ConnectionReporter, EventSink, SinkError};
 
 /// Telegram's API base URL.
 pub const DEFAULT_API_BASE: &str = "https://api.telegram.org";
@@ -267,35 +269,22 @@ pub fn spawn_set_webhook(
 
 // ---- long polling -------------------------------------------------------------------------
 
-/// What an operator should know about one bot's poller (for logs, the API and the dashboard).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct PollStatus {
-    /// `starting`, `polling`, `backoff`, `conflict`, `unauthorized` or `stopped`.
-    pub state: &'static str,
-    /// The last error, if the poller is not healthy.
-    pub error: Option<String>,
-    /// The next `offset` sent to Telegram (everything below it is confirmed).
-    pub offset: Option<i64>,
-    /// Updates stored by this poller since start (duplicates excluded).
-    pub stored: u64,
+/// A poller's last reported state, so only changes reach the [`ConnectionReporter`].
+struct Status {
+    reporter: Arc<dyn ConnectionReporter>,
+    bot: String,
+    last: Option<(&'static str, Option<String>)>,
 }
 
-static STATUSES: LazyLock<Mutex<BTreeMap<String, PollStatus>>> = LazyLock::new(Mutex::default);
-
-/// A snapshot of every poller's status by bot name, for the admin API and dashboard.
-pub fn poller_statuses() -> BTreeMap<String, PollStatus> {
-    STATUSES.lock().map(|s| s.clone()).unwrap_or_default()
-}
-
-fn set_status(bot: &str, f: impl FnOnce(&mut PollStatus)) {
-    if let Ok(mut all) = STATUSES.lock() {
-        let status = all.entry(bot.to_string()).or_insert(PollStatus {
-            state: "starting",
-            error: None,
-            offset: None,
-            stored: 0,
-        });
-        f(status);
+impl Status {
+    fn set(&mut self, state: &'static str, error: Option<String>) {
+        let now = Some((state, error));
+        if self.last != now {
+            self.last = now;
+            if let Some((state, error)) = &self.last {
+                self.reporter.state("telegram", &self.bot, state, error.as_deref());
+            }
+        }
     }
 }
 
@@ -334,10 +323,12 @@ pub fn spawn_poller(
     bot: Bot,
     options: PollOptions,
     sink: Arc<dyn EventSink>,
+    reporter: Arc<dyn ConnectionReporter>,
     shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
-    set_status(&bot.name, |s| *s = PollStatus { state: "starting", error: None, offset: None, stored: 0 });
-    tokio::spawn(poll_loop(http, bot, options, sink, shutdown))
+    let mut status = Status { reporter, bot: bot.name.clone(), last: None };
+    status.set("starting", None);
+    tokio::spawn(poll_loop(http, bot, options, sink, status, shutdown))
 }
 
 #[derive(Serialize)]
@@ -354,6 +345,7 @@ async fn poll_loop(
     bot: Bot,
     options: PollOptions,
     sink: Arc<dyn EventSink>,
+    mut status: Status,
     mut shutdown: watch::Receiver<bool>,
 ) {
     // No offset on the first call: Telegram returns every unconfirmed update, so a restart
@@ -381,39 +373,33 @@ async fn poll_loop(
         let delay = match polled {
             Ok(updates) if updates.is_empty() => {
                 backoff.reset();
-                set_status(&bot.name, |s| {
-                    s.state = "polling";
-                    s.error = None;
-                });
+                status.set("polling", None);
                 None
             }
             Ok(updates) => match store_batch(&bot, &updates, sink.as_ref()).await {
-                Ok(Some((next, stored))) => {
+                Ok(Some(next)) => {
                     backoff.reset();
                     offset = Some(next);
-                    set_status(&bot.name, |s| {
-                        s.state = "polling";
-                        s.error = None;
-                        s.offset = offset;
-                        s.stored += stored;
-                    });
+                    status.set("polling", None);
                     None
                 }
                 Ok(None) => {
                     // Updates without an update_id can never be confirmed; do not spin on them.
                     tracing::error!(bot = %bot.name, "getUpdates returned updates without update_id");
+                    status.set("backoff", Some("getUpdates returned updates without update_id".into()));
                     Some(backoff.next())
                 }
                 Err(e) => {
                     tracing::warn!(bot = %bot.name, error = %e, "telegram updates not stored; offset not advanced, Telegram will redeliver");
-                    set_status(&bot.name, |s| {
-                        s.state = "backoff";
-                        s.error = Some(e.to_string());
-                    });
+                    status.set("backoff", Some(e.to_string()));
                     Some(backoff.next())
                 }
             },
-            Err(e) => Some(poll_error_delay(&bot, &e, &mut backoff)),
+            Err(e) => {
+                let (state, delay) = poll_error_delay(&bot, &e, &mut backoff);
+                status.set(state, Some(e.to_string()));
+                Some(delay)
+            }
         };
         if let Some(delay) = delay {
             tokio::select! {
@@ -422,13 +408,13 @@ async fn poll_loop(
             }
         }
     }
-    set_status(&bot.name, |s| s.state = "stopped");
+    status.set("stopped", None);
     tracing::info!(bot = %bot.name, "telegram long polling stopped");
 }
 
-/// Logs a failed `getUpdates` and says how long to wait before the next one.
-fn poll_error_delay(bot: &Bot, e: &ApiError, backoff: &mut Backoff) -> Duration {
-    let (state, delay) = match e {
+/// Logs a failed `getUpdates`; says which state the poller is in and how long to wait.
+fn poll_error_delay(bot: &Bot, e: &ApiError, backoff: &mut Backoff) -> (&'static str, Duration) {
+    match e {
         ApiError::Api { code: 409, .. } => {
             tracing::error!(bot = %bot.name, error = %e, "telegram 409 Conflict: another process polls this bot token, or a webhook is set; retrying every {}s", CONFLICT_BACKOFF.as_secs());
             ("conflict", CONFLICT_BACKOFF)
@@ -446,34 +432,23 @@ fn poll_error_delay(bot: &Bot, e: &ApiError, backoff: &mut Backoff) -> Duration 
             tracing::warn!(bot = %bot.name, error = %e, retry_in_ms = d.as_millis() as u64, "getUpdates failed");
             ("backoff", d)
         }
-    };
-    set_status(&bot.name, |s| {
-        s.state = state;
-        s.error = Some(e.to_string());
-    });
-    delay
+    }
 }
 
-/// Stores a batch in order; returns the next offset and how many were new, `None` if no update
-/// had an id. Any sink failure stops the batch: the offset must not move past it.
-async fn store_batch(
-    bot: &Bot,
-    updates: &[Box<RawValue>],
-    sink: &dyn EventSink,
-) -> Result<Option<(i64, u64)>, SinkError> {
+/// Stores a batch in order; returns the next offset, `None` if no update had an id. Any sink
+/// failure stops the batch: the offset must not move past it.
+async fn store_batch(bot: &Bot, updates: &[Box<RawValue>], sink: &dyn EventSink) -> Result<Option<i64>, SinkError> {
     let mut max_id: Option<i64> = None;
-    let mut stored = 0;
     for raw in updates {
         match update_event(bot, raw.get(), now_ms()) {
             Ok((id, event)) => {
-                let ingested = sink.ingest(event).await?;
-                stored += u64::from(!ingested.duplicate);
+                sink.ingest(event).await?;
                 max_id = Some(max_id.map_or(id, |m| m.max(id)));
             }
             Err(e) => tracing::error!(bot = %bot.name, error = %e, "skipping a malformed telegram update"),
         }
     }
-    Ok(max_id.map(|m| (m.saturating_add(1), stored)))
+    Ok(max_id.map(|m| m.saturating_add(1)))
 }
 
 // ---- updates -> events --------------------------------------------------------------------

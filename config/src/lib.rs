@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use example::EXAMPLE;
-pub use validate::smtp::{IpNet, RelayConfig, RelayTls, SmtpConfig};
+pub use validate::smtp::{DkimConfig, DkimKey, IpNet, RelayConfig, RelayTls, SmtpConfig, parse_ed25519_pkcs8_pem};
 pub use validate::telegram::{TelegramConfig, TelegramMode};
 pub use validate::whatsapp::WhatsAppConfig;
 

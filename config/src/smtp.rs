@@ -100,6 +100,83 @@ pub struct RelayConfig {
     pub max_attempts: u32,
     /// First retry delay; doubles per attempt.
     pub backoff_initial: Duration,
+    /// DKIM signing of replies (`dkim_selector`, `dkim_domain`, `dkim_key_file`), all or none.
+    pub dkim: Option<DkimConfig>,
+}
+
+/// DKIM (Ed25519-SHA256, RFC 8463) signing settings for replies.
+#[derive(Clone)]
+pub struct DkimConfig {
+    /// `s=`: the key is published at `<selector>._domainkey.<domain>`.
+    pub selector: String,
+    /// `d=`: the signing domain (lower case).
+    pub domain: String,
+    /// Where the key was read from.
+    pub key_file: std::path::PathBuf,
+    /// The Ed25519 private key (RFC 8032 seed) from the PKCS#8 file.
+    pub key: DkimKey,
+}
+
+impl std::fmt::Debug for DkimConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DkimConfig")
+            .field("selector", &self.selector)
+            .field("domain", &self.domain)
+            .field("key_file", &self.key_file)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A 32-byte Ed25519 private key; never printed.
+#[derive(Clone)]
+pub struct DkimKey([u8; 32]);
+
+impl std::fmt::Debug for DkimKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DkimKey(<redacted>)")
+    }
+}
+
+impl DkimKey {
+    /// The key bytes, for the signer.
+    pub fn expose(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+/// Reads an Ed25519 private key from PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`), the format of
+/// `openssl genpkey -algorithm ed25519`.
+pub fn parse_ed25519_pkcs8_pem(pem: &str) -> Result<DkimKey, String> {
+    use base64::Engine as _;
+    const HINT: &str =
+        "expected an Ed25519 private key in PKCS#8 PEM, as written by `openssl genpkey -algorithm ed25519`";
+    let pem = pem.trim();
+    let inner = pem
+        .strip_prefix("-----BEGIN PRIVATE KEY-----")
+        .and_then(|s| s.strip_suffix("-----END PRIVATE KEY-----"))
+        .ok_or_else(|| {
+            if pem.contains("RSA PRIVATE KEY") {
+                format!("RSA keys are not supported (only Ed25519-SHA256 DKIM); {HINT}")
+            } else {
+                format!("no `-----BEGIN PRIVATE KEY-----` block; {HINT}")
+            }
+        })?;
+    let b64: String = inner.chars().filter(|c| !c.is_whitespace()).collect();
+    let der = base64::engine::general_purpose::STANDARD.decode(b64).map_err(|e| format!("bad base64 ({e}); {HINT}"))?;
+    // SEQUENCE { INTEGER 0|1, SEQUENCE { OID 1.3.101.112 }, OCTET STRING { OCTET STRING (32) } ... }
+    const ALG: [u8; 11] = [0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20];
+    let ok = der.len() >= 48
+        && der[0] == 0x30
+        && usize::from(der[1]) == der.len() - 2
+        && der[2..4] == [0x02, 0x01]
+        && der[4] <= 1
+        && der[5..16] == ALG;
+    if !ok {
+        return Err(format!("not an Ed25519 key (RSA and other algorithms are not supported); {HINT}"));
+    }
+    let mut seed = [0u8; 32];
+    seed.copy_from_slice(&der[16..48]);
+    Ok(DkimKey(seed))
 }
 
 /// Transport security towards the relay.
@@ -155,6 +232,9 @@ pub(crate) struct RawRelay {
     pub timeout: Option<Text>,
     pub max_attempts: Option<Text>,
     pub backoff_initial: Option<Text>,
+    pub dkim_selector: Option<Text>,
+    pub dkim_domain: Option<Text>,
+    pub dkim_key_file: Option<Text>,
 }
 
 impl Ctx<'_> {
@@ -339,7 +419,61 @@ impl Ctx<'_> {
         let max_attempts = self.uint("smtp.relay.max_attempts", raw.max_attempts.as_ref(), 4, 1, 20) as u32;
         let backoff_initial =
             self.duration("smtp.relay.backoff_initial", raw.backoff_initial.as_ref(), Duration::from_secs(1), false);
-        Some(RelayConfig { host, port, tls, username, password, timeout, max_attempts, backoff_initial })
+        let dkim = self.dkim(&raw);
+        Some(RelayConfig { host, port, tls, username, password, timeout, max_attempts, backoff_initial, dkim })
+    }
+
+    fn dkim(&mut self, raw: &RawRelay) -> Option<DkimConfig> {
+        let given = [
+            ("dkim_selector", &raw.dkim_selector),
+            ("dkim_domain", &raw.dkim_domain),
+            ("dkim_key_file", &raw.dkim_key_file),
+        ];
+        if given.iter().all(|(_, v)| v.is_none()) {
+            return None;
+        }
+        let mut missing = false;
+        for (name, v) in given {
+            if v.is_none() {
+                self.err(
+                    &format!("smtp.relay.{name}"),
+                    "required with the other dkim_* settings (DKIM needs selector, domain and key file)",
+                );
+                missing = true;
+            }
+        }
+        if missing {
+            return None;
+        }
+        let selector = self.string("smtp.relay.dkim_selector", raw.dkim_selector.as_ref(), "");
+        if !valid_domain(&selector) || selector.contains(|c: char| !c.is_ascii()) {
+            self.err(
+                "smtp.relay.dkim_selector",
+                format!("invalid selector {selector:?}: expected DNS labels such as \"mail2026\""),
+            );
+        }
+        let domain = self.string("smtp.relay.dkim_domain", raw.dkim_domain.as_ref(), "").trim().to_ascii_lowercase();
+        if !valid_domain(&domain) || !domain.contains('.') || domain.contains(|c: char| !c.is_ascii()) {
+            self.err(
+                "smtp.relay.dkim_domain",
+                format!("invalid domain {domain:?}: expected the signing domain, e.g. \"example.com\""),
+            );
+        }
+        let key_file = self.path("smtp.relay.dkim_key_file", raw.dkim_key_file.as_ref(), "");
+        let key = match std::fs::read_to_string(&key_file) {
+            Ok(pem) => match parse_ed25519_pkcs8_pem(&pem) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    self.err("smtp.relay.dkim_key_file", format!("{}: {e}", key_file.display()));
+                    None
+                }
+            },
+            Err(e) => {
+                self.err("smtp.relay.dkim_key_file", format!("cannot read {}: {e}", key_file.display()));
+                None
+            }
+        };
+        Some(DkimConfig { selector, domain, key_file, key: key? })
     }
 }
 
@@ -418,6 +552,64 @@ mod tests {
             crate::load_str(&format!("{AGENT}[smtp]\nlisten = \"127.0.0.1:25\"\n"), "c.toml").unwrap_err().to_string();
         assert!(err.contains("c.toml: smtp.domains: required"), "{err}");
         assert!(err.contains("c.toml: smtp.addresses: required"), "{err}");
+    }
+
+    /// RFC 8410 §10.3's Ed25519 private key.
+    const ED25519_PEM: &str = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEINTuctv5E1hK1bbY8fdp+K06/nwoy/HU++CXqI9EdVhC\n-----END PRIVATE KEY-----\n";
+
+    #[test]
+    fn dkim_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("dkim.pem");
+        std::fs::write(&key, ED25519_PEM).unwrap();
+        let base = format!(
+            "{AGENT}[smtp]\ndomains = [\"example.com\"]\n[smtp.addresses]\nsupport = \"helpdesk\"\n[smtp.relay]\nhost = \"h\"\n"
+        );
+        let c = crate::load_str(
+            &format!(
+                "{base}dkim_selector = \"mail\"\ndkim_domain = \"Example.com\"\ndkim_key_file = \"{}\"\n",
+                key.display()
+            ),
+            "c.toml",
+        )
+        .unwrap();
+        let dkim = c.smtp.unwrap().relay.unwrap().dkim.unwrap();
+        assert_eq!((dkim.selector.as_str(), dkim.domain.as_str()), ("mail", "example.com"));
+        assert_eq!(hex::encode(dkim.key.expose()), "d4ee72dbf913584ad5b6d8f1f769f8ad3afe7c28cbf1d4fbe097a88f44755842");
+        assert!(!format!("{dkim:?}").contains("d4ee"));
+
+        let err = crate::load_str(&format!("{base}dkim_selector = \"mail\"\n"), "c.toml").unwrap_err().to_string();
+        assert!(err.contains("c.toml: smtp.relay.dkim_domain: required with the other dkim_* settings"), "{err}");
+        assert!(err.contains("c.toml: smtp.relay.dkim_key_file: required"), "{err}");
+
+        let rsa = dir.path().join("rsa.pem");
+        std::fs::write(&rsa, "-----BEGIN RSA PRIVATE KEY-----\nMIIB\n-----END RSA PRIVATE KEY-----\n").unwrap();
+        let err = crate::load_str(
+            &format!("{base}dkim_selector = \"a b\"\ndkim_domain = \"nodot\"\ndkim_key_file = \"{}\"\n", rsa.display()),
+            "c.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("c.toml: smtp.relay.dkim_selector: invalid selector"), "{err}");
+        assert!(err.contains("c.toml: smtp.relay.dkim_domain: invalid domain"), "{err}");
+        assert!(err.contains("RSA keys are not supported"), "{err}");
+        let err = crate::load_str(
+            &format!(
+                "{base}dkim_selector = \"s\"\ndkim_domain = \"example.com\"\ndkim_key_file = \"/nonexistent/k.pem\"\n"
+            ),
+            "c.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("c.toml: smtp.relay.dkim_key_file: cannot read /nonexistent/k.pem"), "{err}");
+        // An RSA key in PKCS#8 (`BEGIN PRIVATE KEY`) is refused by its algorithm.
+        assert!(
+            parse_ed25519_pkcs8_pem(
+                "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----"
+            )
+            .unwrap_err()
+            .contains("not an Ed25519 key")
+        );
     }
 
     #[test]

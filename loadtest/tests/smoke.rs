@@ -154,3 +154,11 @@ fn ingest_redis() {
     let r = run("ingest", &["--store", "redis", "--redis-url", &redis.url()]);
     assert!(figure(&r, "acks_per_s") > 0.0);
 }
+
+#[test]
+fn fleet_redis() {
+    let redis = Redis::start();
+    let r = run("fleet", &["--store", "redis", "--redis-url", &redis.url()]);
+    assert_eq!(figure(&r, "events_filled"), 20_000.0, "{r}");
+    assert!(figure(&r, "api_fleet_count") > 0.0);
+}

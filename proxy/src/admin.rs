@@ -76,6 +76,11 @@ pub struct Admin {
     app: Arc<App>,
     audit: Mutex<VecDeque<AuditEntry>>,
     streams: Arc<tokio::sync::Semaphore>,
+    /// Agent ids, sorted (the fleet is fixed at start), so a fleet walk does not sort.
+    ids: Vec<String>,
+    /// Webhook routes of each agent, computed once: per-row scans of every route made the
+    /// fleet view quadratic (1.6 s at 10,000 agents with a route each).
+    routes: HashMap<String, Vec<String>>,
 }
 
 impl Admin {
@@ -96,10 +101,18 @@ impl Admin {
 
 /// Routes of the admin listener.
 pub fn router(app: Arc<App>) -> axum::Router {
+    let mut ids: Vec<String> = app.fleet.keys().cloned().collect();
+    ids.sort();
+    let mut routes: HashMap<String, Vec<String>> = HashMap::new();
+    for (name, hook) in &app.config.webhooks {
+        routes.entry(hook.agent.clone()).or_default().push(name.clone());
+    }
     let admin = Arc::new(Admin {
         app,
         audit: Mutex::new(VecDeque::new()),
         streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
+        ids,
+        routes,
     });
     let api = axum::Router::new()
         .route("/api/agents", get(agents))
@@ -216,11 +229,10 @@ async fn agents(State(admin): State<Arc<Admin>>) -> Response {
 }
 
 /// One fleet-view row: live lifecycle and in-memory counts, bytes and age from the snapshot.
-fn row(app: &App, agent: &AgentRuntime, snapshot: &crate::metrics::Snapshot, now: u64) -> Value {
+fn row(admin: &Admin, agent: &AgentRuntime, snapshot: &crate::metrics::Snapshot, now: u64) -> Value {
     let view = agent.view();
     let stats = snapshot.agents.get(agent.id());
-    let channels: Vec<&String> =
-        app.config.webhooks.iter().filter(|(_, h)| h.agent == agent.id()).map(|(name, _)| name).collect();
+    let channels: &[String] = admin.routes.get(agent.id()).map_or(&[], Vec::as_slice);
     json!({
         "id": agent.id(),
         "state": view.state,
@@ -260,12 +272,11 @@ fn totals(rows: &[Value]) -> Value {
     })
 }
 
-fn fleet_rows(app: &App) -> Vec<Value> {
+fn fleet_rows(admin: &Admin) -> Vec<Value> {
+    let app = &admin.app;
     let snapshot = app.metrics.snapshot();
     let now = now_ms();
-    let mut ids: Vec<&String> = app.fleet.keys().collect();
-    ids.sort();
-    ids.into_iter().map(|id| row(app, &app.fleet[id], &snapshot, now)).collect()
+    admin.ids.iter().map(|id| row(admin, &app.fleet[id], &snapshot, now)).collect()
 }
 
 fn status(app: &App) -> Value {
@@ -284,7 +295,7 @@ fn status(app: &App) -> Value {
 
 /// The fleet view: answered from memory and the periodic snapshot (no store round trip).
 async fn fleet(State(admin): State<Arc<Admin>>, axum::Extension(role): axum::Extension<Role>) -> Response {
-    let rows = fleet_rows(&admin.app);
+    let rows = fleet_rows(&admin);
     Json(json!({
         "totals": totals(&rows),
         "status": status(&admin.app),
@@ -315,7 +326,7 @@ async fn stream(State(admin): State<Arc<Admin>>) -> Response {
         if t.admin.app.shutting_down() || t.started.elapsed() > STREAM_MAX {
             return None;
         }
-        let rows = fleet_rows(&t.admin.app);
+        let rows = fleet_rows(&t.admin);
         let totals = totals(&rows);
         let mut changed = Vec::new();
         for r in rows {
@@ -349,7 +360,7 @@ async fn agent_detail(State(admin): State<Arc<Admin>>, Path(id): Path<String>) -
     let Some(agent) = app.fleet.get(&id) else {
         return not_found(&id);
     };
-    let mut out = row(app, agent, &app.metrics.snapshot(), now_ms());
+    let mut out = row(&admin, agent, &app.metrics.snapshot(), now_ms());
     match app.store.stats(&id).await {
         Ok(s) => {
             out["pending_bytes"] = json!(s.pending_bytes);

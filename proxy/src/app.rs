@@ -204,7 +204,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     ));
 
     let sink = app.clone() as Arc<dyn EventSink>;
-    tasks.extend(channels::spawn_connections(&app.config, &http, sink.clone(), shutdown_rx.clone()));
+    let reporter = metrics.clone() as Arc<dyn concierge_adapters::ConnectionReporter>;
+    tasks.extend(channels::spawn_connections(&app.config, &http, sink.clone(), reporter, shutdown_rx.clone()));
     // Worst-case ingress memory is concurrent requests x max_body: bound the former too.
     let ingress = channels::ingress(&app.config, sink)
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(MAX_CONCURRENT_INGRESS));

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use concierge_adapters::webhook::{self, ReplySender, ReplyTarget, Route, Verify};
-use concierge_adapters::{ChannelSender, EventSink};
+use concierge_adapters::{ChannelSender, ConnectionReporter, EventSink};
 use concierge_config::Config;
 use concierge_protocol::ChannelRef;
 use tokio::sync::watch;
@@ -50,16 +50,18 @@ pub fn ingress(config: &Config, sink: Arc<dyn EventSink>) -> axum::Router {
     webhook::router(routes, sink.clone()).merge(chat_ingress(config, sink))
 }
 
-/// Held platform connections (pollers, sockets); each stops when `shutdown` turns true.
+/// Held platform connections (pollers, sockets); each reports its state to `reporter` and
+/// stops when `shutdown` turns true.
 pub fn spawn_connections(
     config: &Config,
     http: &reqwest::Client,
     sink: Arc<dyn EventSink>,
+    reporter: Arc<dyn ConnectionReporter>,
     shutdown: watch::Receiver<bool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::new();
-    tasks.extend(chat_connections(config, http, sink.clone(), shutdown.clone()));
-    tasks.extend(email_listener(config, sink.clone(), shutdown.clone()));
+    tasks.extend(chat_connections(config, http, sink.clone(), reporter.clone(), shutdown.clone()));
+    tasks.extend(email_listener(config, sink.clone(), reporter, shutdown.clone()));
     tasks
 }
 
@@ -100,6 +102,11 @@ fn email_senders(config: &Config, bindings: &mut Bindings) {
         max_attempts: relay.max_attempts,
         backoff_initial: relay.backoff_initial,
         hello_name: smtp.hostname.clone(),
+        dkim: relay.dkim.as_ref().map(|d| {
+            let signer = concierge_adapters::smtp::dkim::DkimSigner::new(&d.domain, &d.selector, d.key.expose());
+            tracing::info!(record = %signer.dns_record(), name = %signer.dns_name(), "DKIM signing of email replies on");
+            signer
+        }),
     });
     for (address, agent) in &smtp.addresses {
         let sender: Arc<dyn ChannelSender> = Arc::new(EmailSender::new(settings.clone(), address.clone()));
@@ -111,6 +118,7 @@ fn email_senders(config: &Config, bindings: &mut Bindings) {
 fn email_listener(
     config: &Config,
     sink: Arc<dyn EventSink>,
+    reporter: Arc<dyn ConnectionReporter>,
     shutdown: watch::Receiver<bool>,
 ) -> Option<tokio::task::JoinHandle<()>> {
     use concierge_adapters::smtp::{self, AddressBook, ServerSettings, SessionConfig};
@@ -146,6 +154,7 @@ fn email_listener(
         authserv_id: smtp.authserv_id.clone(),
     });
     // Bound synchronously so a taken port is reported at start-up, next to the other listeners.
+    let name = smtp.listen.to_string();
     let listener = match std::net::TcpListener::bind(smtp.listen)
         .and_then(|l| l.set_nonblocking(true).map(|()| l))
         .and_then(tokio::net::TcpListener::from_std)
@@ -153,11 +162,16 @@ fn email_listener(
         Ok(l) => l,
         Err(e) => {
             tracing::error!(listen = %smtp.listen, error = %e, "SMTP listener could not bind; email is not received");
+            reporter.state("smtp", &name, "failed", Some(&e.to_string()));
             return None;
         }
     };
     tracing::info!(listen = %smtp.listen, "SMTP listener ready");
-    Some(tokio::spawn(smtp::serve(listener, settings, sink, shutdown)))
+    reporter.state("smtp", &name, "listening", None);
+    Some(tokio::spawn(async move {
+        smtp::serve(listener, settings, sink, shutdown).await;
+        reporter.state("smtp", &name, "stopped", None);
+    }))
 }
 
 fn telegram_bot(name: &str, bot: &concierge_config::TelegramConfig) -> concierge_adapters::telegram::Bot {
@@ -220,6 +234,7 @@ fn chat_connections(
     config: &Config,
     http: &reqwest::Client,
     sink: Arc<dyn EventSink>,
+    reporter: Arc<dyn ConnectionReporter>,
     shutdown: watch::Receiver<bool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     use concierge_adapters::telegram;
@@ -231,7 +246,8 @@ fn chat_connections(
                 let options =
                     telegram::PollOptions { allowed_updates: bot.allowed_updates.clone(), timeout: bot.poll_timeout };
                 let b = telegram_bot(name, bot);
-                tasks.push(telegram::spawn_poller(http.clone(), b, options, sink.clone(), shutdown.clone()));
+                let (sink, reporter) = (sink.clone(), reporter.clone());
+                tasks.push(telegram::spawn_poller(http.clone(), b, options, sink, reporter, shutdown.clone()));
             }
             TelegramMode::Webhook if bot.set_webhook => {
                 let (Some(public), Some(secret)) = (&bot.public_url, &bot.webhook_secret) else { continue };

@@ -115,6 +115,16 @@ pub struct ConnectionInfo {
     connected_before: bool,
 }
 
+/// Adapters report their held connections (pollers, listeners) into the registry.
+impl concierge_adapters::ConnectionReporter for Metrics {
+    fn state(&self, channel: &str, name: &str, state: &str, error: Option<&str>) {
+        self.connection_state(channel, name, state);
+        if let Some(e) = error {
+            self.connection_error(channel, name, e);
+        }
+    }
+}
+
 /// Per-agent figures from the store, refreshed every [`STATS_PERIOD`].
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {

@@ -200,6 +200,61 @@ async fn conflict_is_reported_and_backed_off() {
     assert!(proxy_polls <= 4, "the proxy polled {proxy_polls} times in 4 s of conflict: a hot loop");
 }
 
+/// The admin API's entry for held connection `channel`/`name` (`GET /api/channels`).
+async fn connection(proxy: &Proxy, channel: &str, name: &str) -> Option<Value> {
+    let r = http_client().get(format!("http://{}/api/channels", proxy.admin)).send().await.ok()?;
+    let json: Value = r.json().await.ok()?;
+    json["connections"].as_array()?.iter().find(|c| c["channel"] == channel && c["name"] == name).cloned()
+}
+
+/// Waits until `telegram/bot` is in `state` (bounded), returning its entry.
+async fn wait_connection_state(proxy: &Proxy, state: &str, within: Duration) -> Value {
+    let found =
+        eventually(within, || async { connection(proxy, "telegram", "bot").await.filter(|c| c["state"] == state) })
+            .await;
+    match found {
+        Some(c) => c,
+        None => panic!(
+            "telegram/bot never {state}: {:?}; log:\n{}",
+            connection(proxy, "telegram", "bot").await,
+            proxy.log()
+        ),
+    }
+}
+
+/// A 409 (a rival poller) shows on the admin API as the bot's `conflict` state with
+/// Telegram's error text, and once the rival is gone the poller is back to `polling`.
+#[tokio::test(flavor = "multi_thread")]
+async fn conflict_is_shown_on_the_admin_api_until_it_clears() {
+    let fake = FakeTelegram::start(Options::default()).await.unwrap();
+    fake.add_bot(BOT_TOKEN);
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!("{}{}", self_connecting_agent("a"), bot_section("bot", "a", &fake.api_base, ""));
+    let config = write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &body);
+    let proxy = Proxy::start(&config);
+    wait_connection_state(&proxy, "polling", Duration::from_secs(10)).await;
+
+    // A rival poller terminates the proxy's pending long poll with 409 until it stops.
+    let rival = {
+        let url = format!("{}/bot{BOT_TOKEN}/getUpdates", fake.api_base);
+        tokio::spawn(async move {
+            let http = http_client();
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(3) {
+                let _ = http.post(&url).json(&serde_json::json!({"timeout": 1})).send().await;
+            }
+        })
+    };
+    let conflict = wait_connection_state(&proxy, "conflict", Duration::from_secs(10)).await;
+    let error = conflict["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("409") && error.contains("terminated by other getUpdates request"), "{conflict}");
+    rival.await.unwrap();
+
+    // The poller retries a conflict every 30 s; the next try finds no rival.
+    wait_connection_state(&proxy, "polling", Duration::from_secs(45)).await;
+    assert!(proxy.log().contains("409 Conflict"), "the conflict is logged too");
+}
+
 fn reply(chat: &str, i: usize) -> SendRequest {
     SendRequest {
         idempotency_key: format!("reply-{chat}-{i}"),

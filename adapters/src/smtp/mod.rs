@@ -2,6 +2,7 @@
 //! only once a message is durable for every recipient agent, and threaded replies sent
 //! through a submission relay ([`reply`]).
 
+pub mod dkim;
 pub mod message;
 pub mod reply;
 pub mod session;

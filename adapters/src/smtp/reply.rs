@@ -55,6 +55,8 @@ pub struct RelaySettings {
     pub backoff_initial: Duration,
     /// Name sent in EHLO.
     pub hello_name: String,
+    /// Signs every reply when a DKIM key is configured.
+    pub dkim: Option<crate::smtp::dkim::DkimSigner>,
 }
 
 /// Sends one agent address's replies through the relay.
@@ -294,10 +296,14 @@ impl EmailSender {
 #[async_trait]
 impl ChannelSender for EmailSender {
     async fn send(&self, agent: &str, request: &SendRequest) -> SendResult {
-        let reply = match build(agent, &self.from, request) {
+        let mut reply = match build(agent, &self.from, request) {
             Ok(r) => r,
             Err(e) => return SendResult::err("bad_request", e, false),
         };
+        if let Some(signer) = &self.relay.dkim {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            reply.bytes = signer.sign(&reply.bytes, now);
+        }
         let from: Option<Address> = self.from.parse().ok();
         let envelope = match lettre::address::Envelope::new(from, reply.recipients.clone()) {
             Ok(e) => e,

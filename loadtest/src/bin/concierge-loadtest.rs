@@ -9,7 +9,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use concierge_loadtest::scenario::{self, Context, Report, StoreChoice};
 
-/// Benchmarks Concierge: replay throughput, warm-path latency, wake overhead, ingest rate.
+/// Benchmarks Concierge: replay throughput, warm-path latency, wake overhead, ingest rate,
+/// fleet-view API latency.
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
@@ -100,6 +101,24 @@ enum Scenario {
         #[arg(long, default_value_t = 1024)]
         body_bytes: usize,
     },
+    /// Many agents with buffered events: latency of /api/fleet, /api/agents, /metrics.
+    Fleet {
+        /// Agents (default 10000; 200 with --quick).
+        #[arg(long)]
+        agents: Option<usize>,
+        /// Events buffered over them, 64-256 bytes each (default 1000000; 20000 with --quick).
+        #[arg(long)]
+        events: Option<u64>,
+        /// Concurrent connections filling the buffers.
+        #[arg(long, default_value_t = 64)]
+        fill_concurrency: usize,
+        /// Timed requests per endpoint (default 50; 20 with --quick).
+        #[arg(long)]
+        requests: Option<usize>,
+        /// Keep the proxy up this long after measuring, e.g. 120s (to open the dashboard).
+        #[arg(long, value_parser = humantime_duration, default_value = "0s")]
+        hold: Duration,
+    },
 }
 
 fn humantime_duration(s: &str) -> Result<Duration, String> {
@@ -188,6 +207,15 @@ async fn run(ctx: &Context, s: Scenario) -> anyhow::Result<Report> {
             p.agents = agents.max(1);
             p.body_bytes = body_bytes;
             scenario::ingest::run(ctx, &p).await
+        }
+        Scenario::Fleet { agents, events, fill_concurrency, requests, hold } => {
+            let mut p = scenario::fleet::Params::defaults(q);
+            p.agents = agents.unwrap_or(p.agents).max(1);
+            p.events = events.unwrap_or(p.events);
+            p.fill_concurrency = fill_concurrency.max(1);
+            p.requests = requests.unwrap_or(p.requests).max(1);
+            p.hold = hold;
+            scenario::fleet::run(ctx, &p).await
         }
     }
 }

@@ -8,7 +8,9 @@
 //!   latency measured from the *scheduled* send time (no coordinated omission).
 //! - [`wake`]: the proxy-added wake overhead, read from the admin API's `last_wake` timings.
 //! - [`ingest`]: signed webhooks at fixed concurrency; durable-ack rate and latency.
+//! - [`fleet`]: many agents with buffered events; latency of the dashboard's admin API.
 
+pub mod fleet;
 pub mod http;
 pub mod ingest;
 pub mod latency;

@@ -140,6 +140,11 @@ impl Proxy {
         l.iter().cloned().collect::<Vec<_>>().join("\n")
     }
 
+    /// The proxy's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Errors if the proxy exited.
     pub fn check_alive(&mut self) -> anyhow::Result<()> {
         if let Some(status) = self.child.try_wait()? {
