@@ -148,6 +148,29 @@ PF_UP=1
 wait_port "$PF_PORT"
 
 # --- Measurement ---------------------------------------------------------------------------
+# Memory per idle session (first, on a fresh process): RSS of `concierge serve` before and
+# after $IDLE sessions that sent EHLO and then wait (Postfix runs one smtpd process per session, several MB each).
+IDLE=${IDLE:-1000}
+python3 - "$CONCIERGE_PID" "$SMTP_PORT" "$IDLE" >"$WORK/idle" <<'PY'
+import socket, sys, time
+pid, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rss = lambda: int(next(l for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS")).split()[1])
+time.sleep(0.5)
+before, conns = rss(), []
+for _ in range(n):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.recv(512)
+    s.sendall(b"EHLO idle.test\r\n")
+    conns.append(s)
+for s in conns:
+    s.recv(4096)
+time.sleep(1)
+after = rss()
+print(f"idle sessions={n} rss_before_kib={before} rss_after_kib={after} per_session_kib={(after - before) / n:.1f}")
+for s in conns:
+    s.close()
+PY
+
 "$BENCH" "127.0.0.1:$SMTP_PORT" "$RCPT" 10 200 "$BYTES" >/dev/null   # warm-up
 "$BENCH" "127.0.0.1:$PF_PORT" "$RCPT" 10 200 "$BYTES" >/dev/null
 for round in $(seq 1 "$ROUNDS"); do
@@ -167,3 +190,4 @@ for s in $SESSIONS; do
     a=$(avg concierge/redis-always) p=$(avg postfix) e=$(avg concierge/redis-everysec)
     printf '%-8s %18s %18s %12s %14s\n' "$s" "$a" "$p" "$(awk -v a="$a" -v p="$p" 'BEGIN { printf "%.2f", p ? a / p : 0 }')" "$e"
 done
+cat "$WORK/idle"

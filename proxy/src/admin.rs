@@ -229,38 +229,68 @@ async fn agents(State(admin): State<Arc<Admin>>) -> Response {
 }
 
 /// One fleet-view row: live lifecycle and in-memory counts, bytes and age from the snapshot.
-fn row(admin: &Admin, agent: &AgentRuntime, snapshot: &crate::metrics::Snapshot, now: u64) -> Value {
-    let view = agent.view();
-    let stats = snapshot.agents.get(agent.id());
-    let channels: &[String] = admin.routes.get(agent.id()).map_or(&[], Vec::as_slice);
-    json!({
-        "id": agent.id(),
-        "state": view.state,
-        "connected": agent.connected(),
-        "paused": agent.paused(),
-        "pending": agent.pending(),
-        "pending_bytes": stats.map(|s| s.pending_bytes),
-        "oldest_pending_age_ms": stats.and_then(|s| s.oldest_pending_ms).map(|t| now.saturating_sub(t)),
-        "cursor": agent.cursor(),
-        "head": agent.head(),
-        "last_wake": view.last_wake,
-        "last_error": view.last_error,
-        "next_action_in_ms": view.next_action_in_ms,
-        "policy": agent.config.wake.policy.to_string(),
-        "driver": agent.config.wake.driver.name(),
-        "channels": channels,
-    })
+/// Serialized straight to the answer: building a `Value` map per row cost most of a
+/// `/api/fleet` request at 10,000 agents.
+#[derive(Clone, Serialize)]
+struct Row<'a> {
+    id: &'a str,
+    state: crate::lifecycle::State,
+    connected: bool,
+    paused: bool,
+    pending: u64,
+    pending_bytes: Option<u64>,
+    oldest_pending_age_ms: Option<u64>,
+    cursor: u64,
+    head: u64,
+    last_wake: Option<crate::lifecycle::WakeRecord>,
+    last_error: Option<String>,
+    next_action_in_ms: Option<u64>,
+    policy: String,
+    driver: &'static str,
+    channels: &'a [String],
 }
 
-fn totals(rows: &[Value]) -> Value {
+fn row<'a>(admin: &'a Admin, agent: &'a AgentRuntime, snapshot: &crate::metrics::Snapshot, now: u64) -> Row<'a> {
+    let view = agent.view();
+    let stats = snapshot.agents.get(agent.id());
+    Row {
+        id: agent.id(),
+        state: view.state,
+        connected: agent.connected(),
+        paused: agent.paused(),
+        pending: agent.pending(),
+        pending_bytes: stats.map(|s| s.pending_bytes),
+        oldest_pending_age_ms: stats.and_then(|s| s.oldest_pending_ms).map(|t| now.saturating_sub(t)),
+        cursor: agent.cursor(),
+        head: agent.head(),
+        last_wake: view.last_wake,
+        last_error: view.last_error,
+        next_action_in_ms: view.next_action_in_ms,
+        policy: agent.config.wake.policy.to_string(),
+        driver: agent.config.wake.driver.name(),
+        channels: admin.routes.get(agent.id()).map_or(&[], Vec::as_slice),
+    }
+}
+
+/// A fleet answer: `/api/fleet`, and each live-stream message (without `can_act`).
+#[derive(Serialize)]
+struct FleetAnswer<'a> {
+    totals: Value,
+    status: Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    can_act: Option<bool>,
+    agents: &'a [Row<'a>],
+}
+
+fn totals(rows: &[Row<'_>]) -> Value {
     let mut by_state: HashMap<&str, u64> = HashMap::new();
     let (mut pending, mut bytes, mut oldest, mut connected) = (0u64, 0u64, 0u64, 0u64);
     for r in rows {
-        *by_state.entry(r["state"].as_str().unwrap_or("unknown")).or_default() += 1;
-        pending += r["pending"].as_u64().unwrap_or(0);
-        bytes += r["pending_bytes"].as_u64().unwrap_or(0);
-        oldest = oldest.max(r["oldest_pending_age_ms"].as_u64().unwrap_or(0));
-        connected += u64::from(r["connected"].as_bool().unwrap_or(false));
+        *by_state.entry(state_name(r.state)).or_default() += 1;
+        pending += r.pending;
+        bytes += r.pending_bytes.unwrap_or(0);
+        oldest = oldest.max(r.oldest_pending_age_ms.unwrap_or(0));
+        connected += u64::from(r.connected);
     }
     json!({
         "agents": rows.len(),
@@ -272,7 +302,7 @@ fn totals(rows: &[Value]) -> Value {
     })
 }
 
-fn fleet_rows(admin: &Admin) -> Vec<Value> {
+fn fleet_rows(admin: &Admin) -> Vec<Row<'_>> {
     let app = &admin.app;
     let snapshot = app.metrics.snapshot();
     let now = now_ms();
@@ -296,12 +326,12 @@ fn status(app: &App) -> Value {
 /// The fleet view: answered from memory and the periodic snapshot (no store round trip).
 async fn fleet(State(admin): State<Arc<Admin>>, axum::Extension(role): axum::Extension<Role>) -> Response {
     let rows = fleet_rows(&admin);
-    Json(json!({
-        "totals": totals(&rows),
-        "status": status(&admin.app),
-        "can_act": role == Role::Admin,
-        "agents": rows,
-    }))
+    Json(FleetAnswer {
+        totals: totals(&rows),
+        status: status(&admin.app),
+        can_act: Some(role == Role::Admin),
+        agents: &rows,
+    })
     .into_response()
 }
 
@@ -330,21 +360,20 @@ async fn stream(State(admin): State<Arc<Admin>>) -> Response {
         let totals = totals(&rows);
         let mut changed = Vec::new();
         for r in rows {
-            let id = r["id"].as_str().unwrap_or_default().to_string();
             // Ages and countdowns change every tick; compare the rest.
             let mut key = r.clone();
-            key["oldest_pending_age_ms"] = Value::Null;
-            key["next_action_in_ms"] = Value::Null;
-            let text = key.to_string();
-            if t.last.get(&id) != Some(&text) {
-                t.last.insert(id, text);
+            key.oldest_pending_age_ms = None;
+            key.next_action_in_ms = None;
+            let text = serde_json::to_string(&key).unwrap_or_default();
+            if t.last.get(r.id) != Some(&text) {
+                t.last.insert(r.id.to_string(), text);
                 changed.push(r);
             }
         }
         let kind = if t.first { "fleet" } else { "delta" };
         t.first = false;
-        let body = json!({ "totals": totals, "status": status(&t.admin.app), "agents": changed });
-        let event = SseEvent::default().event(kind).data(body.to_string());
+        let body = FleetAnswer { totals, status: status(&t.admin.app), can_act: None, agents: &changed };
+        let event = SseEvent::default().event(kind).data(serde_json::to_string(&body).unwrap_or_default());
         Some((Ok::<_, std::convert::Infallible>(event), t))
     });
     Sse::new(events).keep_alive(KeepAlive::default()).into_response()
@@ -360,7 +389,7 @@ async fn agent_detail(State(admin): State<Arc<Admin>>, Path(id): Path<String>) -
     let Some(agent) = app.fleet.get(&id) else {
         return not_found(&id);
     };
-    let mut out = row(&admin, agent, &app.metrics.snapshot(), now_ms());
+    let mut out = json!(row(&admin, agent, &app.metrics.snapshot(), now_ms()));
     match app.store.stats(&id).await {
         Ok(s) => {
             out["pending_bytes"] = json!(s.pending_bytes);

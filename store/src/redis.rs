@@ -54,15 +54,24 @@ end
 -- entry counts as pending again (at-least-once), so nothing is skipped or overwritten.
 local function ensure_meta()
   if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1]) == 0 then return end
-  local head, bytes, cursor = 0, 0, 0
+  local head, bytes, cursor, appended = 0, 0, 0, 0
   local entries = redis.call('XRANGE', KEYS[2], '-', '+')
   for i, entry in ipairs(entries) do
     local offset = tonumber(string.match(entry[1], '%-(%d+)$'))
     if i == 1 then cursor = offset - 1 end
     head = offset
-    bytes = bytes + tonumber(field(entry[2], 'size') or '0')
+    local size = tonumber(field(entry[2], 'size') or '0')
+    bytes = bytes + size
+    appended = tonumber(field(entry[2], 'cb') or '0') + size
   end
-  redis.call('HSET', KEYS[1], 'head', head, 'cursor', cursor, 'bytes', bytes)
+  redis.call('HSET', KEYS[1], 'head', head, 'cursor', cursor, 'bytes', bytes, 'appended', appended)
+end
+-- Bytes stored after `offset`: every entry records the bytes appended before it ('cb'), so
+-- this is one lookup however many events an ack covers.
+local function bytes_after(offset)
+  local nxt = redis.call('XRANGE', KEYS[2], id(offset + 1), '+', 'COUNT', 1)
+  if #nxt == 0 then return 0 end
+  return tonumber(redis.call('HGET', KEYS[1], 'appended') or '0') - tonumber(field(nxt[1][2], 'cb') or '0')
 end
 ensure_meta()
 "#;
@@ -75,7 +84,8 @@ if KEYS[3] then
   if original then return {0, tonumber(original)} end
 end
 local offset = redis.call('HINCRBY', KEYS[1], 'head', 1)
-redis.call('XADD', KEYS[2], id(offset), 'record', ARGV[2], 'received_ms', ARGV[3], 'size', ARGV[4])
+local before = redis.call('HINCRBY', KEYS[1], 'appended', ARGV[4]) - tonumber(ARGV[4])
+redis.call('XADD', KEYS[2], id(offset), 'record', ARGV[2], 'received_ms', ARGV[3], 'size', ARGV[4], 'cb', before)
 redis.call('HINCRBY', KEYS[1], 'bytes', ARGV[4])
 if KEYS[3] then redis.call('SET', KEYS[3], offset, 'PX', ARGV[5]) end
 return {1, offset}
@@ -87,12 +97,7 @@ local head = tonumber(redis.call('HGET', KEYS[1], 'head'))
 local cursor = tonumber(redis.call('HGET', KEYS[1], 'cursor'))
 local target = math.min(tonumber(ARGV[2]), head)
 if target > cursor then
-  local freed = 0
-  for _, entry in ipairs(redis.call('XRANGE', KEYS[2], id(cursor + 1), id(target))) do
-    freed = freed + tonumber(field(entry[2], 'size') or '0')
-  end
-  redis.call('HINCRBY', KEYS[1], 'bytes', -freed)
-  redis.call('HSET', KEYS[1], 'cursor', target)
+  redis.call('HSET', KEYS[1], 'cursor', target, 'bytes', bytes_after(target))
   cursor = target
 end
 local retain = tonumber(ARGV[3])
@@ -115,10 +120,7 @@ if target > cursor then return {0, cursor} end
 if target == cursor then return {1, cursor} end
 local entries = redis.call('XRANGE', KEYS[2], id(target + 1), id(cursor))
 if #entries ~= cursor - target then return {-1, cursor} end
-local bytes = 0
-for _, entry in ipairs(entries) do bytes = bytes + tonumber(field(entry[2], 'size') or '0') end
-redis.call('HINCRBY', KEYS[1], 'bytes', bytes)
-redis.call('HSET', KEYS[1], 'cursor', target)
+redis.call('HSET', KEYS[1], 'cursor', target, 'bytes', bytes_after(target))
 return {1, target}
 "#;
 

@@ -16,6 +16,7 @@ pub const SIGNED_HEADERS: [&str; 8] =
     ["from", "to", "cc", "subject", "date", "message-id", "in-reply-to", "references"];
 
 /// Signs messages for one `d=` domain and selector.
+#[derive(Clone)]
 pub struct DkimSigner {
     domain: String,
     selector: String,

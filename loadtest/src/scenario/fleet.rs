@@ -157,7 +157,12 @@ async fn measure(proxy: &mut Proxy, agents: &[String], p: &Params, report: &mut 
     proxy.check_alive()?;
 
     if !p.hold.is_zero() {
+        let prefix = agents[0].strip_suffix("00000").unwrap_or_default();
         eprintln!("fleet: holding the proxy for {:?}; dashboard at http://{}/", p.hold, proxy.admin);
+        eprintln!(
+            "fleet: browser timing: node --experimental-websocket loadtest/scripts/fleet-page.mjs http://{}/ http://{} {prefix}",
+            proxy.admin, proxy.http
+        );
         tokio::time::sleep(p.hold).await;
     }
     report.notes.push(
