@@ -4,6 +4,8 @@
 //!
 //! `cargo run --release -p concierge-loadtest --example smtp_bench -- 127.0.0.1:2525 support@example.com 10 2000 10240`
 //! (address, recipient, sessions, total messages, message bytes).
+//! `loadtest/scripts/smtp_peer.sh` runs it against Concierge (Redis `appendfsync always` and
+//! `everysec`) and a private Postfix side by side; figures in BENCHMARKS.md, "Email".
 
 use std::time::{Duration, Instant};
 

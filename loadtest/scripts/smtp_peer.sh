@@ -12,7 +12,9 @@
 #
 # Usage (from the workspace root, after
 #   cargo build --release -p concierge-proxy -p concierge-loadtest --example smtp_bench):
-#   loadtest/scripts/smtp_peer.sh            # SESSIONS="10 100" MESSAGES=3000 BYTES=10240 ROUNDS=1
+#   MESSAGES=4000 ROUNDS=3 loadtest/scripts/smtp_peer.sh
+# Environment: SESSIONS ("10 100"), MESSAGES (3000 per measurement), BYTES (10240), ROUNDS (1),
+# IDLE (1000 idle sessions for the memory figure), CONCIERGE_BIN, SMTP_BENCH_BIN.
 # Needs root (Postfix), redis-server and Debian's postfix package.
 set -euo pipefail
 
@@ -149,7 +151,7 @@ wait_port "$PF_PORT"
 
 # --- Measurement ---------------------------------------------------------------------------
 # Memory per idle session (first, on a fresh process): RSS of `concierge serve` before and
-# after $IDLE sessions that sent EHLO and then wait (Postfix runs one smtpd process per session, several MB each).
+# after $IDLE sessions that sent EHLO and then wait (Postfix runs one smtpd process per session).
 IDLE=${IDLE:-1000}
 python3 - "$CONCIERGE_PID" "$SMTP_PORT" "$IDLE" >"$WORK/idle" <<'PY'
 import socket, sys, time
