@@ -13,6 +13,7 @@ use concierge_config::{Config, StoreBackend};
 use concierge_protocol::EventData;
 use concierge_store::{Appended, Store, StoreOptions};
 use concierge_wakeup::ConnectInfo;
+use futures::StreamExt as _;
 use tokio::sync::watch;
 use tracing::Instrument as _;
 use tracing::field::Empty;
@@ -153,8 +154,20 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     let mut fleet = Fleet::new();
     let mut inputs = Vec::new();
-    for (id, agent) in &config.agents {
-        let position = store.position(id).await.with_context(|| format!("reading the log position of agent {id}"))?;
+    // Positions are read concurrently: one round trip each, and fleets have thousands of agents.
+    let positions: Vec<_> = futures::stream::iter(config.agents.keys())
+        .map(|id| {
+            let store = &store;
+            async move {
+                let position = store.position(id).await;
+                position.with_context(|| format!("reading the log position of agent {id}"))
+            }
+        })
+        .buffered(64)
+        .collect()
+        .await;
+    for ((id, agent), position) in config.agents.iter().zip(positions) {
+        let position = position?;
         let (runtime, rx) = AgentRuntime::new(agent.clone(), position.head, position.cursor);
         fleet.insert(id.clone(), runtime.clone());
         inputs.push((runtime, rx));

@@ -447,11 +447,12 @@ fn parse_entries(agent: &str, reply: Value) -> Result<Vec<EventRecord>, StoreErr
             .ok_or_else(|| corrupt(&format!("unexpected entry id {id:?}")))?;
         let mut record = None;
         let mut received_at_ms = 0;
-        for pair in fields.chunks_exact(2) {
-            match pair[0].as_slice() {
-                b"record" => record = Some(pair[1].clone()),
+        let mut fields = fields.into_iter();
+        while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
+            match name.as_slice() {
+                b"record" => record = Some(value), // moved, not copied: records are the bulk of a replay
                 b"received_ms" => {
-                    received_at_ms = std::str::from_utf8(&pair[1]).ok().and_then(|t| t.parse().ok()).unwrap_or(0)
+                    received_at_ms = std::str::from_utf8(&value).ok().and_then(|t| t.parse().ok()).unwrap_or(0)
                 }
                 _ => {}
             }
