@@ -78,8 +78,11 @@ pub enum Input {
     Connected,
     /// The agent's (last) session closed.
     Disconnected,
-    /// The first events of this session were delivered.
-    Delivered,
+    /// A batch of events was delivered to the session.
+    Delivered {
+        /// Events in the batch.
+        events: u64,
+    },
     /// The agent acknowledged events; `pending` are left.
     Acked {
         /// Events still pending after the ack.
@@ -127,6 +130,8 @@ pub struct WakeRecord {
     pub connected_after_ms: Option<f64>,
     /// Trigger -> first event delivered.
     pub first_delivery_after_ms: Option<f64>,
+    /// Events delivered during the session this wake brought up.
+    pub events_drained: u64,
     /// `in_progress`, `connected`, `unreachable`.
     pub outcome: &'static str,
     /// Last driver or verification error.
@@ -144,6 +149,7 @@ impl WakeRecord {
             driver_called_after_ms: None,
             connected_after_ms: None,
             first_delivery_after_ms: None,
+            events_drained: 0,
             outcome: "in_progress",
             error: None,
             started: Some(now),
@@ -179,6 +185,8 @@ pub struct Lifecycle {
     driver_in_flight: bool,
     /// A new wake began while an old driver call was still running: call again when it returns.
     call_when_returned: bool,
+    /// The current session was brought up by the last wake, so its deliveries count there.
+    session_from_wake: bool,
     pending: bool,
     sleeping_requested: bool,
     current: Option<WakeRecord>,
@@ -197,6 +205,7 @@ impl Lifecycle {
             attempt: 0,
             driver_in_flight: false,
             call_when_returned: false,
+            session_from_wake: false,
             pending,
             sleeping_requested: false,
             current: None,
@@ -257,11 +266,12 @@ impl Lifecycle {
             }
             Input::Connected => self.on_connected(now),
             Input::Disconnected => self.on_disconnected(now),
-            Input::Delivered => {
-                if let Some(w) =
-                    self.last.as_mut().filter(|w| w.first_delivery_after_ms.is_none() && w.outcome == "connected")
-                {
-                    w.first_delivery_after_ms = w.since(now);
+            Input::Delivered { events } => {
+                if let Some(w) = self.last.as_mut().filter(|_| self.session_from_wake) {
+                    if w.first_delivery_after_ms.is_none() {
+                        w.first_delivery_after_ms = w.since(now);
+                    }
+                    w.events_drained += events;
                 }
                 self.rearm_sleep(now);
                 Vec::new()
@@ -368,6 +378,7 @@ impl Lifecycle {
         self.state = State::Awake;
         self.sleeping_requested = false;
         self.last_error = None;
+        self.session_from_wake = self.current.is_some();
         if let Some(mut w) = self.current.take() {
             w.connected_after_ms = w.since(now);
             w.outcome = "connected";
@@ -386,6 +397,7 @@ impl Lifecycle {
         self.state = State::Asleep;
         self.set_timer(Timer::None, None);
         self.sleeping_requested = false;
+        self.session_from_wake = false;
         if self.pending {
             // The agent went away with work left (crash, network, or events that arrived
             // while it drained): wake it again per policy.
@@ -555,11 +567,13 @@ mod tests {
         m.handle(Input::EventStored { received: t }, t + Duration::from_millis(1));
         m.handle(Input::DriverCalled { at: t + Duration::from_millis(2) }, t + Duration::from_millis(2));
         m.handle(Input::Connected, t + Duration::from_millis(40));
-        m.handle(Input::Delivered, t + Duration::from_millis(45));
+        m.handle(Input::Delivered { events: 3 }, t + Duration::from_millis(45));
+        m.handle(Input::Delivered { events: 2 }, t + Duration::from_millis(50));
         let w = m.last_wake().unwrap();
         assert_eq!(w.driver_called_after_ms, Some(2.0), "measured from receipt to the real call");
         assert_eq!(w.connected_after_ms, Some(40.0));
         assert_eq!(w.first_delivery_after_ms, Some(45.0));
+        assert_eq!(w.events_drained, 5, "every batch of the woken session counts");
     }
 
     #[test]

@@ -187,7 +187,6 @@ async fn stream_events(
     let mut window = u64::from(window).clamp(1, cap);
     let mut head = agent.watch_head();
     let mut paused = agent.watch_paused();
-    let mut delivered_any = false;
     let mut draining = false;
     let mut prefetched: Option<Vec<EventRecord>> = None;
     let persist = persist_acks(app, agent, acks_rx);
@@ -219,10 +218,7 @@ async fn stream_events(
             }
             sent = last;
             app.metrics.delivered(&timings, agent.note_delivered(sent));
-            if !delivered_any {
-                delivered_any = true;
-                agent.input(Input::Delivered);
-            }
+            agent.input(Input::Delivered { events: timings.len() as u64 });
         }
         tokio::select! {
             frame = reader.next::<ToProxy>() => match frame? {

@@ -50,6 +50,13 @@ async fn webhook_to_woken_echo_agent_and_back(backend: Backend) {
     assert_eq!(replies[1]["body"], "echo: again");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(sink.bodies().len(), 2, "no duplicate replies");
+    // Both events were drained by the session that one wake brought up.
+    let drained = eventually(Duration::from_secs(5), || async {
+        let n = proxy.agent("echo").await["last_wake"]["events_drained"].as_u64();
+        (n == Some(2)).then_some(())
+    })
+    .await;
+    assert!(drained.is_some(), "wake record: {}", proxy.agent("echo").await["last_wake"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -470,11 +470,12 @@ function renderTimeline(a) {
   if (a.last_wake) wakes.push(a.last_wake);
   const list = h("table", { class: "compact" },
     h("caption", { class: "sr-only" }, "Wakes, newest first"),
-    h("thead", {}, h("tr", {}, ["Started", "Reason", "Attempts", "Driver called", "Connected", "First delivery", "Outcome", "Error"].map((c) => h("th", { scope: "col" }, c)))),
+    h("thead", {}, h("tr", {}, ["Started", "Reason", "Attempts", "Driver called", "Connected", "First delivery", "Events drained", "Outcome", "Error"].map((c) => h("th", { scope: "col" }, c)))),
     h("tbody", {}, wakes.slice().reverse().map((w) => h("tr", {},
       h("td", {}, fmtTime(w.started_at_ms)), h("td", {}, w.reason), h("td", { class: "num" }, w.attempts),
       h("td", {}, fmtDur(w.driver_called_after_ms)), h("td", {}, fmtDur(w.connected_after_ms)),
-      h("td", {}, fmtDur(w.first_delivery_after_ms)), h("td", {}, w.outcome.replace("_", " ")), h("td", {}, w.error || "")))));
+      h("td", {}, fmtDur(w.first_delivery_after_ms)), h("td", { class: "num" }, w.events_drained ?? 0),
+      h("td", {}, w.outcome.replace("_", " ")), h("td", {}, w.error || "")))));
   el.replaceChildren(bars(wakes), sparkline(a.buffer_history || []), wakes.length ? list : h("p", {}, "No wakes yet."));
 }
 
