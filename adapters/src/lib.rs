@@ -5,8 +5,10 @@
 use async_trait::async_trait;
 use concierge_protocol::{EventData, SendRequest, SendResult};
 
+pub mod discord;
 mod http_util;
 pub mod signature;
+pub mod slack;
 pub mod smtp;
 pub mod telegram;
 pub mod webhook;
@@ -37,6 +39,17 @@ pub enum SinkError {
 pub trait EventSink: Send + Sync + 'static {
     /// Stores one event durably (deduplicated by its dedupe key) and wakes its agent as needed.
     async fn ingest(&self, event: EventData) -> Result<Ingested, SinkError>;
+
+    /// Reads a small durable record an adapter keeps across restarts (Discord resume state).
+    async fn load_state(&self, key: &str) -> Result<Option<Vec<u8>>, SinkError> {
+        Err(SinkError::Unavailable(format!("this sink keeps no state records ({key:?})")))
+    }
+
+    /// Durably replaces that record; `Ok` only once it is stored.
+    async fn save_state(&self, key: &str, value: &[u8]) -> Result<(), SinkError> {
+        let _ = value;
+        Err(SinkError::Unavailable(format!("this sink keeps no state records ({key:?})")))
+    }
 }
 
 /// Where a held connection (poller, socket, listener) reports its health for the operator's

@@ -129,4 +129,11 @@ reply_url = "http://127.0.0.1:8099/replies"
 # phone_number_id = "106540352242922"
 # graph_base = "https://graph.facebook.com"
 # api_version = "v23.0"
+
+# Span export (uncomment to use): Concierge's tracing spans (ingest -> store, wake, replay)
+# are batched to an OpenTelemetry collector over OTLP/HTTP protobuf (<otlp_endpoint>/v1/traces).
+# Batching follows the standard OTEL_BSP_* variables (OTEL_BSP_SCHEDULE_DELAY, ms).
+# [telemetry]
+# otlp_endpoint = "http://127.0.0.1:4318"
+# service_name = "concierge"
 "#;

@@ -28,8 +28,11 @@ use std::time::Duration;
 
 pub use example::EXAMPLE;
 pub use validate::smtp::{DkimConfig, DkimKey, IpNet, RelayConfig, RelayTls, SmtpConfig, parse_ed25519_pkcs8_pem};
+pub use validate::discord::DiscordConfig;
 pub use validate::telegram::{TelegramConfig, TelegramMode};
 pub use validate::whatsapp::WhatsAppConfig;
+pub use validate::slack::{SlackConfig, SlackMode};
+pub use validate::telemetry::TelemetryConfig;
 
 /// A secret string (token, signing key, password-bearing URL): kept out of `Debug`/`Display`
 /// so it never reaches logs, error messages or the dashboard.
@@ -79,8 +82,14 @@ pub struct Config {
     pub telegram: BTreeMap<String, TelegramConfig>,
     /// WhatsApp Business Cloud API numbers by name (`[whatsapp.<name>]`).
     pub whatsapp: BTreeMap<String, WhatsAppConfig>,
+    /// Slack apps by name (`[slack.<name>]`).
+    pub slack: BTreeMap<String, SlackConfig>,
     /// Inbound SMTP server and outbound relay (`[smtp]`); `None` = no email channel.
     pub smtp: Option<SmtpConfig>,
+    /// Discord bots by name (`[discord.<bot>]`), each one gateway session.
+    pub discord: BTreeMap<String, DiscordConfig>,
+    /// Span export (`[telemetry]`); `otlp_endpoint: None` (the default) = no export.
+    pub telemetry: TelemetryConfig,
 }
 
 /// The `[server]` section: listeners, limits and identity of this proxy.

@@ -27,11 +27,18 @@ use crate::{
 pub(crate) mod telegram;
 #[path = "whatsapp.rs"]
 pub(crate) mod whatsapp;
+#[path = "discord.rs"]
+pub(crate) mod discord;
+#[path = "slack.rs"]
+pub(crate) mod slack;
+#[path = "telemetry.rs"]
+pub(crate) mod telemetry;
 
 const ENV_PREFIX: &str = "CONCIERGE_";
 /// Secret files larger than this are refused (a token is never this big; `/dev/zero` is).
 const MAX_SECRET_FILE: u64 = 64 * 1024;
-const SECTIONS: &[&str] = &["server", "tls", "store", "agents", "webhooks", "telegram", "whatsapp", "smtp"];
+const SECTIONS: &[&str] =
+    &["server", "tls", "store", "agents", "webhooks", "telegram", "whatsapp", "slack", "smtp", "discord", "telemetry"];
 
 pub(crate) fn load_text(
     text: &str,
@@ -493,8 +500,11 @@ impl Ctx<'_> {
         let webhooks = self.webhooks(root.get("webhooks"), &agent_ids, server.max_body);
         let telegram = self.telegram(root.get("telegram"), &agent_ids);
         let whatsapp = self.whatsapp(root.get("whatsapp"), &agent_ids);
+        let slack = self.slack(root.get("slack"), &agent_ids);
         let smtp = self.smtp(root.get("smtp"), &agent_ids, &server.server_name);
-        Config { source, server, tls, store, agents, webhooks, telegram, whatsapp, smtp }
+        let discord = self.discord(root.get("discord"), &agent_ids);
+        let telemetry = self.telemetry(root.get("telemetry"));
+        Config { source, server, tls, store, agents, webhooks, telegram, whatsapp, slack, smtp, discord, telemetry }
     }
 
     fn server(&mut self, v: Option<&Value>) -> ServerConfig {

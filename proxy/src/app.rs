@@ -96,6 +96,14 @@ impl EventSink for App {
             }
         }
     }
+
+    async fn load_state(&self, key: &str) -> Result<Option<Vec<u8>>, SinkError> {
+        self.store.get_state(key).await.map_err(|e| SinkError::Unavailable(e.to_string()))
+    }
+
+    async fn save_state(&self, key: &str, value: &[u8]) -> Result<(), SinkError> {
+        self.store.put_state(key, value).await.map_err(|e| SinkError::Unavailable(e.to_string()))
+    }
 }
 
 /// A started proxy: its bound addresses and the means to stop it.

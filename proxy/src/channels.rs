@@ -30,7 +30,15 @@ pub fn senders(config: &Config, http: &reqwest::Client) -> Bindings {
         }
     }
     email_senders(config, &mut bindings);
+    for (name, bot) in &config.discord {
+        let sender = concierge_adapters::discord::DiscordSender::new(http.clone(), discord_bot(name, bot));
+        bindings.insert((bot.agent.clone(), ChannelRef::new("discord", name.clone())), Arc::new(sender));
+    }
     chat_senders(config, http, &mut bindings);
+    for (name, app) in &config.slack {
+        let sender = concierge_adapters::slack::SlackSender::new(http.clone(), &slack_app(name, app));
+        bindings.insert((app.agent.clone(), ChannelRef::new("slack", name.clone())), Arc::new(sender));
+    }
     bindings
 }
 
@@ -47,7 +55,16 @@ pub fn ingress(config: &Config, sink: Arc<dyn EventSink>) -> axum::Router {
             reply: reply_target(hook),
         })
         .collect();
-    webhook::router(routes, sink.clone()).merge(chat_ingress(config, sink))
+    let slack_apps = config
+        .slack
+        .iter()
+        .filter(|(_, a)| a.mode == concierge_config::SlackMode::Events)
+        .map(|(name, a)| slack_app(name, a))
+        .collect();
+    let max_body = usize::try_from(config.server.max_body).unwrap_or(usize::MAX);
+    webhook::router(routes, sink.clone())
+        .merge(concierge_adapters::slack::router(slack_apps, sink.clone(), max_body))
+        .merge(chat_ingress(config, sink))
 }
 
 /// Held platform connections (pollers, sockets); each reports its state to `reporter` and
@@ -61,6 +78,20 @@ pub fn spawn_connections(
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::new();
     tasks.extend(chat_connections(config, http, sink.clone(), reporter.clone(), shutdown.clone()));
+    for (name, app) in config.slack.iter().filter(|(_, a)| a.mode == concierge_config::SlackMode::Socket) {
+        let (sink, reporter) = (sink.clone(), reporter.clone());
+        tasks.push(concierge_adapters::slack::spawn_socket(
+            http.clone(),
+            slack_app(name, app),
+            sink,
+            reporter,
+            shutdown.clone(),
+        ));
+    }
+    for (name, bot) in &config.discord {
+        let (b, sink, reporter) = (discord_bot(name, bot), sink.clone(), reporter.clone());
+        tasks.push(concierge_adapters::discord::spawn_gateway(http.clone(), b, sink, reporter, shutdown.clone()));
+    }
     tasks.extend(email_listener(config, sink.clone(), reporter, shutdown.clone()));
     tasks
 }
@@ -172,6 +203,28 @@ fn email_listener(
         smtp::serve(listener, settings, sink, shutdown).await;
         reporter.state("smtp", &name, "stopped", None);
     }))
+}
+
+fn slack_app(name: &str, app: &concierge_config::SlackConfig) -> concierge_adapters::slack::App {
+    concierge_adapters::slack::App {
+        name: name.to_string(),
+        agent: app.agent.clone(),
+        app_token: app.app_token.as_ref().map(|t| t.expose().to_string()).unwrap_or_default(),
+        bot_token: app.bot_token.expose().to_string(),
+        signing_secret: app.signing_secret.as_ref().map(|s| s.expose().as_bytes().to_vec()).unwrap_or_default(),
+        api_base: app.api_base.clone(),
+    }
+}
+
+fn discord_bot(name: &str, bot: &concierge_config::DiscordConfig) -> concierge_adapters::discord::Bot {
+    concierge_adapters::discord::Bot {
+        name: name.to_string(),
+        agent: bot.agent.clone(),
+        token: bot.token.expose().to_string(),
+        intents: bot.intent_bits,
+        gateway_url: bot.gateway_url.clone(),
+        api_base: bot.api_base.clone(),
+    }
 }
 
 fn telegram_bot(name: &str, bot: &concierge_config::TelegramConfig) -> concierge_adapters::telegram::Bot {

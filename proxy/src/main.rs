@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
+mod otlp;
+
 /// Concierge: an always-on proxy that lets AI agents sleep without missing a message.
 #[derive(Parser)]
 #[command(version, about)]
@@ -49,13 +51,11 @@ enum AgentKind {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,quinn=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    // `serve` sets up logging once its configuration (which may switch on span export) is loaded.
+    if !matches!(cli.command, Command::Serve { .. }) {
+        otlp::init_logging();
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -103,7 +103,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
 
 async fn serve(path: PathBuf) -> anyhow::Result<()> {
     let config = concierge_config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let running = concierge_proxy::app::start(config).await?;
+    let telemetry = otlp::init(&config.source, &config.telemetry)?;
+    let running = match concierge_proxy::app::start(config).await {
+        Ok(r) => r,
+        Err(e) => {
+            if let Some(provider) = telemetry {
+                otlp::shutdown(provider).await;
+            }
+            return Err(e);
+        }
+    };
     // One machine-readable line on stdout: tests and scripts find the bound addresses here.
     println!(
         "{}",
@@ -120,6 +129,9 @@ async fn serve(path: PathBuf) -> anyhow::Result<()> {
     wait_for_signal().await?;
     tracing::info!("shutting down");
     running.shutdown().await;
+    if let Some(provider) = telemetry {
+        otlp::shutdown(provider).await;
+    }
     Ok(())
 }
 

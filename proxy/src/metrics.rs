@@ -580,6 +580,12 @@ impl Store for MeteredStore {
     async fn check_writable(&self) -> Result<(), StoreError> {
         self.timed("check_writable", "", self.inner.check_writable()).await
     }
+    async fn get_state(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.timed("get_state", "", self.inner.get_state(key)).await
+    }
+    async fn put_state(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.timed("put_state", "", self.inner.put_state(key, value)).await
+    }
     async fn warnings(&self) -> Vec<String> {
         self.inner.warnings().await
     }

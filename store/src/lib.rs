@@ -147,6 +147,17 @@ pub trait Store: Send + Sync + 'static {
     /// Proves the store accepts durable writes now (for `/readyz`).
     async fn check_writable(&self) -> Result<(), StoreError>;
 
+    /// A small named record (e.g. a Discord gateway's resume state), `None` if never written.
+    async fn get_state(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Err(StoreError::Unavailable(format!("this store keeps no state records (asked for {key:?})")))
+    }
+
+    /// Durably replaces the small named record `key` (kept until overwritten).
+    async fn put_state(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        let _ = value;
+        Err(StoreError::Unavailable(format!("this store keeps no state records (writing {key:?})")))
+    }
+
     /// Warnings about settings that break the promises (Redis AOF off, eviction on).
     async fn warnings(&self) -> Vec<String> {
         Vec::new()

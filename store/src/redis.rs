@@ -334,6 +334,23 @@ impl Store for RedisStore {
             .map_err(|e| unavailable("finish_send", agent, e))
     }
 
+    async fn get_state(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        ::redis::cmd("GET")
+            .arg(format!("c:state:{{{}}}", escape_agent(key)))
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("Redis get_state {key:?}: {e}")))
+    }
+
+    async fn put_state(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        ::redis::cmd("SET")
+            .arg(format!("c:state:{{{}}}", escape_agent(key)))
+            .arg(value)
+            .exec_async(&mut self.conn())
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("Redis put_state {key:?}: {e}")))
+    }
+
     async fn check_writable(&self) -> Result<(), StoreError> {
         ::redis::cmd("SET")
             .arg(READYZ_KEY)

@@ -71,6 +71,10 @@ CREATE TABLE IF NOT EXISTS sends (
     PRIMARY KEY (agent, key)
 );
 CREATE INDEX IF NOT EXISTS sends_expiry ON sends (expires_ms);
+CREATE TABLE IF NOT EXISTS state (
+    key   TEXT PRIMARY KEY NOT NULL,
+    value BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS health (
     id         INTEGER PRIMARY KEY,
     checked_ms INTEGER NOT NULL
@@ -378,6 +382,27 @@ impl Store for SqliteStore {
                 "INSERT OR REPLACE INTO sends (agent, key, state, result, expires_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?
             .execute(params![agent, key, STATE_DONE, encoded, expires])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_state(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = key.to_owned();
+        self.read_with(move |conn| {
+            Ok(conn
+                .prepare_cached("SELECT value FROM state WHERE key = ?1")?
+                .query_row(params![key], |r| r.get(0))
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn put_state(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        let (key, value) = (key.to_owned(), value.to_vec());
+        self.write(move |conn| {
+            conn.prepare_cached("INSERT OR REPLACE INTO state (key, value) VALUES (?1, ?2)")?
+                .execute(params![key, value])?;
             Ok(())
         })
         .await

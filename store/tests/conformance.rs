@@ -153,6 +153,7 @@ macro_rules! suite_tests {
                 send_claims_per_agent,
                 concurrent_appends_have_no_gaps_or_duplicates,
                 check_writable_succeeds,
+                state_records_round_trip,
             ]
         );
     };
@@ -464,6 +465,18 @@ mod suite {
         assert_eq!(results.iter().filter(|r| matches!(r, Appended::Stored(_))).count(), 1);
         assert!(results.iter().all(|r| r.offset() == 201), "{results:?}");
         assert_eq!(h.store.position(&a).await.unwrap().head, 201);
+        h.cleanup().await;
+    }
+
+    pub async fn state_records_round_trip(make: Make) {
+        let h = make(StoreOptions::default()).await;
+        let key = format!("{}discord:{{odd}}:bot", random_prefix());
+        assert_eq!(h.store.get_state(&key).await.unwrap(), None);
+        h.store.put_state(&key, b"first").await.unwrap();
+        h.store.put_state(&key, b"second\0bytes").await.unwrap();
+        assert_eq!(h.store.get_state(&key).await.unwrap().as_deref(), Some(&b"second\0bytes"[..]));
+        let other = format!("{key}-other");
+        assert_eq!(h.store.get_state(&other).await.unwrap(), None);
         h.cleanup().await;
     }
 

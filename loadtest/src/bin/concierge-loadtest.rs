@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use concierge_loadtest::scenario::{self, Context, Report, StoreChoice};
 
 /// Benchmarks Concierge: replay throughput, warm-path latency, wake overhead, ingest rate,
-/// fleet-view API latency.
+/// fleet-view API latency, memory per held connection.
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
@@ -29,6 +29,9 @@ struct Cli {
     /// Print one JSON object as the last line of stdout.
     #[arg(long, global = true)]
     json: bool,
+    /// Also write a self-contained HTML report (SVG plots) and the JSON into this directory.
+    #[arg(long, global = true, value_name = "DIR")]
+    report: Option<PathBuf>,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -100,6 +103,10 @@ enum Scenario {
         /// Webhook body size in bytes.
         #[arg(long, default_value_t = 1024)]
         body_bytes: usize,
+        /// Also measure peers in the same run: nginx static 200 under the same load and
+        /// redis-benchmark pipelined XADD (a missing peer is skipped, loudly).
+        #[arg(long)]
+        peer: bool,
     },
     /// Many agents with buffered events: latency of /api/fleet, /api/agents, /metrics.
     Fleet {
@@ -118,6 +125,18 @@ enum Scenario {
         /// Keep the proxy up this long after measuring, e.g. 120s (to open the dashboard).
         #[arg(long, value_parser = humantime_duration, default_value = "0s")]
         hold: Duration,
+    },
+    /// K idle agent QUIC sessions + K idle SMTP sessions: proxy resident memory per connection.
+    Hold {
+        /// Idle agent sessions (default 10000; 200 with --quick).
+        #[arg(long)]
+        agents: Option<usize>,
+        /// Idle SMTP sessions after EHLO (default 10000; 200 with --quick).
+        #[arg(long)]
+        smtp: Option<usize>,
+        /// Connections opened at once.
+        #[arg(long, default_value_t = 64)]
+        connect_concurrency: usize,
     },
 }
 
@@ -142,6 +161,18 @@ fn default_concierge() -> PathBuf {
 }
 
 fn main() -> ExitCode {
+    // The `hold` scenario's helper process (holds idle SMTP sessions; see scenario::hold).
+    if let Ok(spec) = std::env::var(scenario::hold::SMTP_HOLDER_ENV) {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build();
+        return match rt.map_err(anyhow::Error::from).and_then(|rt| rt.block_on(scenario::hold::smtp_holder_main(&spec)))
+        {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                println!("error {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let cli = Cli::parse();
     let ctx = Context {
         concierge: cli.concierge.clone().unwrap_or_else(default_concierge),
@@ -161,6 +192,15 @@ fn main() -> ExitCode {
     match runtime.block_on(run(&ctx, cli.scenario)) {
         Ok(report) => {
             print!("{}", report.to_table());
+            if let Some(dir) = &cli.report {
+                match scenario::html::write(dir, &report) {
+                    Ok(path) => eprintln!("report: {}", path.display()),
+                    Err(e) => {
+                        eprintln!("error: writing the report: {e:#}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
             if cli.json {
                 println!("{}", report.to_json());
             }
@@ -200,12 +240,13 @@ async fn run(ctx: &Context, s: Scenario) -> anyhow::Result<Report> {
             p.sleep_after = sleep_after;
             scenario::wake::run(ctx, &p).await
         }
-        Scenario::Ingest { concurrency, duration, agents, body_bytes } => {
+        Scenario::Ingest { concurrency, duration, agents, body_bytes, peer } => {
             let mut p = scenario::ingest::Params::defaults(q);
             p.concurrency = concurrency.max(1);
             p.duration = duration.unwrap_or(p.duration);
             p.agents = agents.max(1);
             p.body_bytes = body_bytes;
+            p.peer = peer;
             scenario::ingest::run(ctx, &p).await
         }
         Scenario::Fleet { agents, events, fill_concurrency, requests, hold } => {
@@ -216,6 +257,13 @@ async fn run(ctx: &Context, s: Scenario) -> anyhow::Result<Report> {
             p.requests = requests.unwrap_or(p.requests).max(1);
             p.hold = hold;
             scenario::fleet::run(ctx, &p).await
+        }
+        Scenario::Hold { agents, smtp, connect_concurrency } => {
+            let mut p = scenario::hold::Params::defaults(q);
+            p.agents = agents.unwrap_or(p.agents).max(1);
+            p.smtp = smtp.unwrap_or(p.smtp);
+            p.connect_concurrency = connect_concurrency.max(1);
+            scenario::hold::run(ctx, &p).await
         }
     }
 }

@@ -9,11 +9,15 @@
 //! - [`wake`]: the proxy-added wake overhead, read from the admin API's `last_wake` timings.
 //! - [`ingest`]: signed webhooks at fixed concurrency; durable-ack rate and latency.
 //! - [`fleet`]: many agents with buffered events; latency of the dashboard's admin API.
+//! - [`hold`]: K idle agent QUIC sessions + K idle SMTP sessions; proxy RSS per connection.
 
 pub mod fleet;
+pub mod hold;
+pub mod html;
 pub mod http;
 pub mod ingest;
 pub mod latency;
+pub mod peer;
 pub mod proxy;
 pub mod replay;
 pub mod wake;
@@ -101,6 +105,8 @@ pub struct Report {
     pub figures: Vec<Figure>,
     /// Remarks worth printing under the table (warnings, anomalies).
     pub notes: Vec<String>,
+    /// Latency distributions (µs) worth plotting in the HTML report, with a title each.
+    pub histograms: Vec<(String, Histogram<u64>)>,
 }
 
 impl Report {
@@ -109,7 +115,7 @@ impl Report {
         let mut parameters = Map::new();
         parameters.insert("store".into(), ctx.store.name().into());
         parameters.insert("quick".into(), ctx.quick.into());
-        Self { scenario, parameters, figures: Vec::new(), notes: Vec::new() }
+        Self { scenario, parameters, figures: Vec::new(), notes: Vec::new(), histograms: Vec::new() }
     }
 
     /// Records a parameter.
@@ -128,7 +134,9 @@ impl Report {
     }
 
     /// Records p50/p90/p99/p99.9/max (and the count) of a histogram of microseconds, in ms.
+    /// The histogram is kept for the HTML report's plot.
     pub fn latency(&mut self, prefix: &str, h: &Histogram<u64>, p99_target_ms: Option<f64>) {
+        self.histograms.push((prefix.to_string(), h.clone()));
         let ms = |us: u64| us as f64 / 1000.0;
         self.figure(&format!("{prefix}_count"), h.len() as f64, "count");
         self.figure(&format!("{prefix}_p50"), ms(h.value_at_quantile(0.50)), "ms");

@@ -1,0 +1,52 @@
+//! `[slack.<name>]`: defaults, mode-dependent requirements, token shapes and secrecy.
+
+use concierge_config::{ConfigErrors, SlackMode, load_str};
+
+const AGENT: &str = "[agents.echo]\ntoken = \"t0ken\"\n";
+
+fn errs(toml: &str) -> ConfigErrors {
+    match load_str(toml, "test.toml") {
+        Ok(c) => panic!("expected errors, got {c:?}"),
+        Err(e) => e,
+    }
+}
+
+#[track_caller]
+fn assert_line(errors: &ConfigErrors, parts: &[&str]) {
+    let text = errors.to_string();
+    assert!(
+        text.lines().any(|l| parts.iter().all(|p| l.contains(p))),
+        "no error line contains all of {parts:?}; errors were:\n{text}"
+    );
+}
+
+#[test]
+fn socket_and_events_modes() {
+    let c = load_str(
+        &format!(
+            "{AGENT}[slack.ws]\nagent = \"echo\"\napp_token = \"xapp-1-A1-xyz\"\nbot_token = \"xoxb-123-abc\"\n[slack.ev]\nagent = \"echo\"\nbot_token = \"xoxb-456-def\"\nsigning_secret = \"sig\"\nmode = \"events\"\napi_base = \"http://127.0.0.1:9/api/\"\n"
+        ),
+        "test.toml",
+    )
+    .unwrap();
+    let ws = &c.slack["ws"];
+    assert_eq!((ws.mode, ws.api_base.as_str()), (SlackMode::Socket, "https://slack.com/api"));
+    let ev = &c.slack["ev"];
+    assert_eq!((ev.mode, ev.api_base.as_str()), (SlackMode::Events, "http://127.0.0.1:9/api"));
+    assert_eq!(ev.signing_secret.as_ref().map(|s| s.expose()), Some("sig"));
+    assert!(!format!("{c:?}").contains("xoxb-123-abc"), "a token appears in Debug output");
+}
+
+#[test]
+fn missing_and_malformed_credentials_are_named() {
+    let e = errs(&format!(
+        "{AGENT}[slack.a]\nagent = \"ghost\"\n[slack.b]\nagent = \"echo\"\nmode = \"events\"\nbot_token = \"xoxp-user\"\n[slack.c]\nagent = \"echo\"\napp_token = \"xapp-1\"\nbot_token = \"xoxb-1\"\n[slack.d]\nagent = \"echo\"\napp_token = \"xapp-1\"\nbot_token = \"xoxb-2\"\n"
+    ));
+    assert_line(&e, &["slack.a.agent: unknown agent \"ghost\""]);
+    assert_line(&e, &["slack.a.bot_token: required"]);
+    assert_line(&e, &["slack.a.app_token: required for mode = \"socket\""]);
+    assert_line(&e, &["slack.b.signing_secret: required for mode = \"events\""]);
+    assert_line(&e, &["slack.b.bot_token: not a Slack bot_token"]);
+    assert_line(&e, &["slack.d.app_token: the same app token is already configured for slack.c"]);
+    assert!(!e.to_string().contains("xoxp-user"), "a token was echoed:\n{e}");
+}

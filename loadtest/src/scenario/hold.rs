@@ -1,0 +1,336 @@
+//! `hold`: K idle agent QUIC sessions (SDK [`AgentClient`]s of agents with driver `none`,
+//! policy `never`) plus K idle inbound SMTP sessions (connected, greeted, `EHLO` answered,
+//! then silent) against one proxy; the proxy's resident memory (`VmRSS`) before, after the
+//! agents and after the SMTP sessions, per connection. SMTP is the held platform connection
+//! whose state really lives in the proxy: each session is a socket plus a session task and
+//! its buffers inside `concierge serve`, waiting for the next command (a Telegram long poll,
+//! by contrast, is one proxy-side client per bot, not per connection).
+//!
+//! File descriptors: the SDK opens one UDP socket per client, so this process needs about
+//! K + 100 descriptors and the proxy about K + 100 (one per SMTP session; QUIC is one UDP
+//! socket); [`raise_nofile`] lifts the soft (and, when permitted, the hard) limit before the
+//! proxy is spawned, which inherits it. The SMTP sessions are held by a helper process (this
+//! binary re-executed with [`SMTP_HOLDER_ENV`]), so no process needs 2K descriptors.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use concierge_protocol::client::AgentClient;
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::TcpStream;
+
+use super::proxy::{Proxy, agent_section, toml_str};
+use super::{Context, Report, Target, bounded, random_hex};
+
+/// The issue's target: 10k agent sessions + 10k platform connections in under 1 GiB.
+const TARGET_TOTAL_MIB: f64 = 1024.0;
+
+/// Parameters of the hold scenario.
+#[derive(Clone, Debug)]
+pub struct Params {
+    /// Idle agent QUIC sessions.
+    pub agents: usize,
+    /// Idle SMTP sessions.
+    pub smtp: usize,
+    /// Connections being opened at once.
+    pub connect_concurrency: usize,
+    /// Pause before each RSS reading, so the proxy's allocations settle.
+    pub settle: Duration,
+}
+
+impl Params {
+    /// The issue's sizes, or smoke sizes.
+    pub fn defaults(quick: bool) -> Self {
+        Self {
+            agents: if quick { 200 } else { 10_000 },
+            smtp: if quick { 200 } else { 10_000 },
+            connect_concurrency: 64,
+            settle: Duration::from_millis(if quick { 300 } else { 2000 }),
+        }
+    }
+}
+
+/// Raises `RLIMIT_NOFILE` to at least `want` (the hard limit too when permitted; otherwise
+/// as far as the hard limit allows). Returns the resulting soft limit.
+pub fn raise_nofile(want: u64) -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 0;
+    }
+    if lim.rlim_cur >= want {
+        return lim.rlim_cur;
+    }
+    let raised = libc::rlimit { rlim_cur: want, rlim_max: lim.rlim_max.max(want) };
+    // SAFETY: setrlimit reads the struct we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+        return want;
+    }
+    let capped = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &capped) } == 0 {
+        return lim.rlim_max;
+    }
+    lim.rlim_cur
+}
+
+/// `VmRSS` of `pid` in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok()
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Runs the scenario.
+pub async fn run(ctx: &Context, p: &Params) -> anyhow::Result<Report> {
+    let mut report = Report::new("hold", ctx);
+    report.param("agents", p.agents as u64);
+    report.param("smtp_sessions", p.smtp as u64);
+    report.param("connect_concurrency", p.connect_concurrency as u64);
+
+    // Here: one UDP socket per SDK client; the proxy (inheriting it): one socket per SMTP session.
+    let want = (p.agents.max(p.smtp) + 1024) as u64;
+    let nofile = raise_nofile(want);
+    report.param("nofile", nofile);
+    if nofile < want {
+        report.notes.push(format!(
+            "RLIMIT_NOFILE is {nofile}, below the ~{want} descriptors this run needs; raise it (ulimit -n) or shrink --agents/--smtp"
+        ));
+    }
+
+    let run_id = random_hex(10);
+    let agents: Vec<(String, String)> =
+        (0..p.agents.max(1)).map(|i| (format!("hold-{run_id}-{i}"), random_hex(32))).collect();
+    let smtp_port = free_port()?;
+    let mut config = String::new();
+    config += &format!(
+        "[smtp]\nlisten = \"127.0.0.1:{smtp_port}\"\nhostname = \"mx.example.com\"\ndomains = [\"example.com\"]\n\
+         greeting_delay = \"0s\"\nmax_connections = {cap}\nmax_connections_per_ip = {cap}\n\n\
+         [smtp.addresses]\nsupport = {}\n\n",
+        toml_str(&agents[0].0),
+        cap = p.smtp + 100,
+    );
+    for (id, token) in &agents {
+        config += &agent_section(id, token, 64, 1_000_000, "driver = \"none\"\npolicy = \"never\"");
+    }
+    let ids = agents.iter().map(|(a, _)| a.clone()).collect();
+    let mut proxy = Proxy::start(&ctx.concierge, &ctx.store, &config, ids)?;
+    let smtp_addr: SocketAddr = format!("127.0.0.1:{smtp_port}").parse()?;
+    let result = measure(&mut proxy, &agents, smtp_addr, p, &mut report).await;
+    let result = result.map_err(|e| e.context(format!("hold failed; proxy log tail:\n{}", proxy.log())));
+    proxy.stop().await?;
+    result?;
+    Ok(report)
+}
+
+async fn measure(
+    proxy: &mut Proxy,
+    agents: &[(String, String)],
+    smtp: SocketAddr,
+    p: &Params,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let pid = proxy.pid();
+    // The SMTP listener binds after the ready line on some builds; wait until it answers.
+    bounded("the SMTP listener", Duration::from_secs(20), async {
+        loop {
+            if TcpStream::connect(smtp).await.is_ok() {
+                return anyhow::Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await?;
+    tokio::time::sleep(p.settle).await;
+    let base = rss_kib(pid).context("reading the proxy's VmRSS")?;
+    let mine_before = rss_kib(std::process::id()).unwrap_or(0);
+
+    // Agents.
+    eprintln!("hold: connecting {} agents ...", agents.len());
+    let started = Instant::now();
+    let sem = Arc::new(tokio::sync::Semaphore::new(p.connect_concurrency.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, (id, token)) in agents.iter().enumerate() {
+        let opts = proxy.client_options(id, token, 64);
+        let sem = sem.clone();
+        tasks.spawn(async move {
+            let _permit = sem.acquire_owned().await?;
+            let c = AgentClient::connect(opts).await.with_context(|| format!("agent {i} connecting"))?;
+            anyhow::Ok(c)
+        });
+    }
+    let limit = Duration::from_secs(60) + Duration::from_millis(20 * agents.len() as u64);
+    let clients = bounded("connecting the agents", limit, async {
+        let mut clients = Vec::with_capacity(agents.len());
+        while let Some(r) = tasks.join_next().await {
+            clients.push(r.context("connect task panicked")??);
+        }
+        anyhow::Ok(clients)
+    })
+    .await?;
+    let agents_connect = started.elapsed();
+    tokio::time::sleep(p.settle).await;
+    proxy.check_alive()?;
+    let after_agents = rss_kib(pid).context("reading the proxy's VmRSS")?;
+
+    // SMTP sessions, idle after EHLO, held by a child process of ours: the SDK's one UDP
+    // socket per agent already takes K descriptors here, and an unprivileged process cannot
+    // raise its hard RLIMIT_NOFILE (20000 on the reference machine) to hold 2K + K.
+    eprintln!("hold: opening {} SMTP sessions (in a helper process) ...", p.smtp);
+    let started = Instant::now();
+    let mut holder = SmtpHolder::start(smtp, p.smtp, p.connect_concurrency).await?;
+    let limit = Duration::from_secs(60) + Duration::from_millis(10 * p.smtp as u64);
+    let held = bounded("opening the SMTP sessions", limit, holder.ready()).await?;
+    let smtp_connect = started.elapsed();
+    tokio::time::sleep(p.settle).await;
+    proxy.check_alive()?;
+    let after_smtp = rss_kib(pid).context("reading the proxy's VmRSS")?;
+    let mine_after = rss_kib(std::process::id()).unwrap_or(0);
+
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let per = |delta: u64, n: usize| if n == 0 { 0.0 } else { delta as f64 / n as f64 };
+    report.figure("proxy_rss_baseline", mib(base), "MiB");
+    report.figure("proxy_rss_with_agents", mib(after_agents), "MiB");
+    report.figure_target("proxy_rss_total", mib(after_smtp), "MiB", Target::Below(TARGET_TOTAL_MIB));
+    report.figure("rss_per_agent_session", per(after_agents.saturating_sub(base), clients.len()), "KiB");
+    report.figure("rss_per_smtp_session", per(after_smtp.saturating_sub(after_agents), held), "KiB");
+    report.figure("rss_per_connection", per(after_smtp.saturating_sub(base), clients.len() + held), "KiB");
+    report.figure("agents_held", clients.len() as f64, "count");
+    report.figure("smtp_sessions_held", held as f64, "count");
+    report.figure("agents_connect_per_s", clients.len() as f64 / agents_connect.as_secs_f64(), "conn/s");
+    report.figure("smtp_connect_per_s", held as f64 / smtp_connect.as_secs_f64().max(1e-9), "conn/s");
+    report.figure("loadgen_rss_added", mib(mine_after.saturating_sub(mine_before)), "MiB");
+    report.notes.push(
+        "RSS deltas include allocator slack; the SDK opens one UDP socket per agent client (loadgen side only)".into(),
+    );
+
+    holder.stop().await;
+    eprintln!("hold: closing {} agents ...", clients.len());
+    bounded("closing the agents", Duration::from_secs(60), async {
+        let mut closing = tokio::task::JoinSet::new();
+        for c in clients {
+            closing.spawn(async move {
+                // Bounded: a close that waits on a slow peer must not hold the run.
+                let _ = tokio::time::timeout(Duration::from_secs(2), c.close()).await;
+            });
+        }
+        while closing.join_next().await.is_some() {}
+        anyhow::Ok(())
+    })
+    .await?;
+    Ok(())
+}
+
+/// Environment variable that turns `concierge-loadtest` into the SMTP-session holder:
+/// `<addr>,<sessions>,<concurrency>`.
+pub const SMTP_HOLDER_ENV: &str = "CONCIERGE_LOADTEST_SMTP_HOLDER";
+
+/// The helper process holding the idle SMTP sessions.
+struct SmtpHolder {
+    child: tokio::process::Child,
+    stdout: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+}
+
+impl SmtpHolder {
+    async fn start(addr: SocketAddr, n: usize, concurrency: usize) -> anyhow::Result<SmtpHolder> {
+        let exe = std::env::current_exe().context("locating concierge-loadtest")?;
+        let mut child = tokio::process::Command::new(exe)
+            .env(SMTP_HOLDER_ENV, format!("{addr},{n},{concurrency}"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the SMTP holder process")?;
+        let stdout = BufReader::new(child.stdout.take().context("holder stdout")?).lines();
+        Ok(SmtpHolder { child, stdout })
+    }
+
+    /// Waits for `held <n>` (or `error <message>`).
+    async fn ready(&mut self) -> anyhow::Result<usize> {
+        let line = self.stdout.next_line().await?.context("the SMTP holder exited without a word")?;
+        if let Some(n) = line.strip_prefix("held ") {
+            return n.trim().parse().context("holder count");
+        }
+        anyhow::bail!("SMTP holder: {}", line.strip_prefix("error ").unwrap_or(&line))
+    }
+
+    /// Closes its stdin (it then drops the sessions and exits) and reaps it.
+    async fn stop(mut self) {
+        drop(self.child.stdin.take());
+        if tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await.is_err() {
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+/// Body of the holder process: opens the sessions, prints `held <n>`, holds them until stdin
+/// closes. Spec is `<addr>,<sessions>,<concurrency>`.
+pub async fn smtp_holder_main(spec: &str) -> anyhow::Result<()> {
+    let mut parts = spec.split(',');
+    let addr: SocketAddr = parts.next().unwrap_or_default().parse().context("holder address")?;
+    let n: usize = parts.next().unwrap_or_default().parse().context("holder count")?;
+    let concurrency: usize = parts.next().unwrap_or("64").parse().unwrap_or(64);
+    raise_nofile(n as u64 + 256);
+    let sem = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let sem = sem.clone();
+        tasks.spawn(async move {
+            let _permit = sem.acquire_owned().await?;
+            smtp_idle(addr).await.with_context(|| format!("SMTP session {i}"))
+        });
+    }
+    let mut sessions = Vec::with_capacity(n);
+    let mut first_error = None;
+    while let Some(r) = tasks.join_next().await {
+        match r.context("SMTP task panicked").and_then(|r| r) {
+            Ok(s) => sessions.push(s),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match first_error {
+        Some(e) => println!("error {e:#}"),
+        None => println!("held {}", sessions.len()),
+    }
+    // Hold until the parent closes our stdin.
+    let mut sink = Vec::new();
+    let _ = tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut sink).await;
+    drop(sessions);
+    Ok(())
+}
+
+/// Opens an SMTP session, reads the greeting, says EHLO, reads the answer; returns the idle
+/// connection.
+async fn smtp_idle(addr: SocketAddr) -> anyhow::Result<BufReader<TcpStream>> {
+    let stream = TcpStream::connect(addr).await?;
+    let mut r = BufReader::with_capacity(1024, stream);
+    expect(&mut r, "220").await?;
+    r.get_mut().write_all(b"EHLO hold.test\r\n").await?;
+    expect(&mut r, "250").await?;
+    Ok(r)
+}
+
+async fn expect(r: &mut BufReader<TcpStream>, code: &str) -> anyhow::Result<()> {
+    let mut all = String::new();
+    for _ in 0..64 {
+        let mut line = String::new();
+        let n = tokio::time::timeout(Duration::from_secs(30), r.read_line(&mut line))
+            .await
+            .context("SMTP reply timed out")??;
+        anyhow::ensure!(n > 0, "server closed the connection after {all:?}");
+        all.push_str(&line);
+        if line.as_bytes().get(3) != Some(&b'-') {
+            anyhow::ensure!(all.starts_with(code), "expected {code}, got {all:?}");
+            return Ok(());
+        }
+    }
+    anyhow::bail!("SMTP reply too long")
+}
