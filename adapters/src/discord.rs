@@ -44,6 +44,8 @@ const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// The persisted sequence is written at least this often while events flow.
 const PERSIST_EVERY: Duration = Duration::from_millis(200);
+/// Least time between two Identify calls of one bot (Discord: 1 per 5 s per concurrency bucket).
+const IDENTIFY_INTERVAL: Duration = Duration::from_secs(5);
 /// Longest single 429 wait honoured for a send, and most attempts.
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(30);
 const MAX_SEND_ATTEMPTS: u32 = 4;
@@ -116,7 +118,7 @@ pub fn spawn_gateway(
     shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut g = Gateway { http, bot, sink, reporter, shutdown, state: None, persisted: 0 };
+        let mut g = Gateway { http, bot, sink, reporter, shutdown, state: None, persisted: 0, last_identify: None };
         g.run().await;
     })
 }
@@ -141,6 +143,8 @@ struct Gateway {
     state: Option<ResumeState>,
     /// Sequence last written to the store.
     persisted: u64,
+    /// When this bot last sent Identify (Discord: max_concurrency identifies per 5 s; one shard).
+    last_identify: Option<Instant>,
 }
 
 #[derive(Deserialize)]
@@ -243,9 +247,18 @@ impl Gateway {
     }
 
     async fn connection(&mut self) -> End {
+        // Identify pacing is waited out before connecting, not on an open socket.
+        if self.state.is_none()
+            && let Some(wait) = self.last_identify.and_then(|t| IDENTIFY_INTERVAL.checked_sub(t.elapsed()))
+            && self.sleep(wait).await
+        {
+            return End::Shutdown;
+        }
         let base = self.state.as_ref().map_or(self.bot.gateway_url.clone(), |s| s.resume_gateway_url.clone());
         let url = format!("{}/?v=10&encoding=json", base.trim_end_matches('/'));
-        let connect = tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config()), true);
+        // Boxed: the handshake future (TLS included) is large, and an idle gateway task should
+        // not carry its state for the connection's lifetime.
+        let connect = Box::pin(tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config()), true));
         let mut ws = match tokio::time::timeout(CALL_TIMEOUT, connect).await {
             Err(_) => return End::Reconnect("gateway handshake timed out".into()),
             Ok(Err(e)) => return End::Reconnect(format!("gateway handshake: {e}")),
@@ -265,9 +278,10 @@ impl Gateway {
                 serde_json::json!({"op": 6, "d": {"token": self.bot.token, "session_id": s.session_id, "seq": s.seq}})
             }
             None => {
-                if let Some(end) = self.identify_budget().await {
+                if let Some(end) = Box::pin(self.identify_budget()).await {
                     return end;
                 }
+                self.last_identify = Some(Instant::now());
                 serde_json::json!({"op": 2, "d": {
                     "token": self.bot.token,
                     "intents": self.bot.intents,
@@ -678,5 +692,82 @@ impl DiscordSender {
             return SendResult::err(code, format!("Discord answered {status}: {message}"), false);
         }
         SendResult::err("rate_limited", "Discord kept answering 429", true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gateway() -> Gateway {
+        let (_tx, shutdown) = watch::channel(false);
+        struct NoSink;
+        #[async_trait]
+        impl EventSink for NoSink {
+            async fn ingest(&self, _: EventData) -> Result<crate::Ingested, crate::SinkError> {
+                Err(crate::SinkError::Unavailable("test".into()))
+            }
+        }
+        struct NoReport;
+        impl ConnectionReporter for NoReport {
+            fn state(&self, _: &str, _: &str, _: &str, _: Option<&str>) {}
+        }
+        let bot = Bot {
+            name: "bot".into(),
+            agent: "a".into(),
+            token: "t".into(),
+            intents: 0,
+            gateway_url: "ws://x".into(),
+            api_base: "http://x".into(),
+        };
+        Gateway {
+            http: reqwest::Client::new(),
+            bot,
+            sink: Arc::new(NoSink),
+            reporter: Arc::new(NoReport),
+            shutdown,
+            state: None,
+            persisted: 0,
+            last_identify: None,
+        }
+    }
+
+    #[test]
+    fn close_codes_map_to_documented_actions() {
+        let f = |c: u16| CloseFrame { code: CloseCode::from(c), reason: "".into() };
+        assert!(matches!(close_end(Some(&f(4004))), End::Fatal(m) if m.contains("token")));
+        assert!(matches!(close_end(Some(&f(4014))), End::Fatal(m) if m.contains("MESSAGE_CONTENT")));
+        assert!(matches!(close_end(Some(&f(4009))), End::Reidentify(_)));
+        assert!(matches!(close_end(Some(&f(4007))), End::Reidentify(_)));
+        assert!(matches!(close_end(Some(&f(4000))), End::Reconnect(_)));
+        assert!(matches!(close_end(None), End::Reconnect(_)));
+    }
+
+    #[test]
+    fn dedupe_keys_and_conversation() {
+        let g = gateway();
+        let ev = |t: &str, d: &str| g.event(t, Some(&RawValue::from_string(d.to_string()).unwrap()), "raw");
+        let m = ev("MESSAGE_CREATE", r#"{"id":"1","channel_id":"2","author":{"id":"3"},"content":"hi"}"#).unwrap();
+        assert_eq!(m.dedupe_key.as_deref(), Some("dc:bot:msg:1"));
+        assert_eq!((m.conversation.as_str(), m.sender.as_deref(), m.text.as_deref()), ("2", Some("3"), Some("hi")));
+        assert_eq!(m.raw, b"raw");
+        let e1 = ev("MESSAGE_UPDATE", r#"{"id":"1","channel_id":"2","content":"a"}"#).unwrap();
+        let e2 = ev("MESSAGE_UPDATE", r#"{"id":"1","channel_id":"2","content":"b"}"#).unwrap();
+        assert_ne!(e1.dedupe_key, e2.dedupe_key, "two different edits are two events");
+        let r = ev(
+            "MESSAGE_REACTION_ADD",
+            r#"{"user_id":"9","channel_id":"2","message_id":"1","emoji":{"id":null,"name":"x"}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.dedupe_key.as_deref(), Some("dc:bot:react+:1:9:x"));
+        assert!(ev("MESSAGE_CREATE", r#"{"channel_id":"2"}"#).is_none(), "no id, no event");
+        assert!(ev("MESSAGE_CREATE", r#"[1]"#).is_none());
+    }
+
+    #[test]
+    fn hello_is_parsed_and_bounded() {
+        assert_eq!(hello_interval(r#"{"op":10,"d":{"heartbeat_interval":41250}}"#), Some(Duration::from_millis(41250)));
+        assert_eq!(hello_interval(r#"{"op":10,"d":{"heartbeat_interval":1}}"#), Some(Duration::from_millis(100)));
+        assert_eq!(hello_interval(r#"{"op":0,"d":{}}"#), None);
     }
 }

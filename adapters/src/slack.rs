@@ -13,7 +13,8 @@
 //! envelope unacked; Slack redelivers it (with `retry_attempt`) and the dedupe key
 //! `slack:<team or app>:<event_id>` drops copies already stored. On `disconnect` with
 //! `refresh_requested` or `warning` the replacement socket is opened first and the old one
-//! closed after, so there is no gap; `link_disabled` stops the loop and is reported as
+//! closed after, so there is no gap; 30 s of silence is answered with a ping and 60 s drops
+//! the socket (a peer gone without FIN); `link_disabled` stops the loop and is reported as
 //! `disabled`. Other failures reconnect with capped exponential backoff (1 s to 30 s).
 //!
 //! **Events API.** `POST /slack/{name}`: `X-Slack-Signature` is `v0=hex(HMAC-SHA256(secret,
@@ -21,6 +22,8 @@
 //! within 5 minutes; otherwise 401 and nothing is parsed or stored. `url_verification` is
 //! answered with its challenge; an `event_callback` is stored and only then answered 200
 //! (503 on a store failure, so Slack retries). `X-Slack-Retry-Num`/`-Reason` go to `meta`.
+//! Form-encoded requests (interactive `payload=<JSON>`, slash commands) are stored the same
+//! way, with the form body as `raw`; their dedupe key uses `trigger_id`.
 //!
 //! **Events.** Conversation = `<channel>:<thread_ts>`, or `<channel>:<ts>` for a message that
 //! is not in a thread (a reply to it starts the thread). `raw` is the envelope's `payload`
@@ -80,6 +83,8 @@ const BACKOFF_INITIAL: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Wait after `invalid_auth` and similar: only a configuration change fixes it.
 const UNAUTHORIZED_BACKOFF: Duration = Duration::from_secs(300);
+/// Silence after which the socket is pinged; a second one in a row drops it.
+const IDLE_PING: Duration = Duration::from_secs(30);
 /// Timeout of one Web API call or WebSocket handshake.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest Web API response read.
@@ -371,9 +376,24 @@ async fn read_socket(
     shutdown: &mut watch::Receiver<bool>,
     backoff: &mut Duration,
 ) -> Ended {
+    let mut pinged = false;
     loop {
         let msg = tokio::select! {
-            m = ws.next() => m,
+            m = tokio::time::timeout(IDLE_PING, ws.next()) => match m {
+                Ok(m) => {
+                    pinged = false;
+                    m
+                }
+                // A socket that died silently (no FIN) would otherwise be waited on forever.
+                Err(_) if pinged => return Ended::Lost(format!("no traffic from Slack for {}s", 2 * IDLE_PING.as_secs())),
+                Err(_) => {
+                    pinged = true;
+                    if let Err(e) = ws.send(Message::Ping(Vec::new().into())).await {
+                        return Ended::Lost(format!("ping could not be sent: {e}"));
+                    }
+                    continue;
+                }
+            },
             _ = shutdown.changed() => {
                 let _ = ws.close(None).await;
                 return Ended::Shutdown;
@@ -524,15 +544,16 @@ async fn events(
     let Ok(text) = std::str::from_utf8(&body) else {
         return http_util::error(StatusCode::BAD_REQUEST, "body is not UTF-8", None);
     };
+    let is_form = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    if is_form {
+        return form(&shared, app, &headers, text).await;
+    }
     let v: Value = match serde_json::from_str(text) {
         Ok(v) => v,
-        Err(_) => {
-            return http_util::error(
-                StatusCode::BAD_REQUEST,
-                "body is not JSON (interactive and slash command forms are not supported on this route yet)",
-                None,
-            );
-        }
+        Err(_) => return http_util::error(StatusCode::BAD_REQUEST, "body is neither JSON nor a form", None),
     };
     match v.get("type").and_then(Value::as_str) {
         Some("url_verification") => {
@@ -542,13 +563,7 @@ async fn events(
             r
         }
         Some("event_callback") => {
-            let mut meta = vec![("envelope_type".to_string(), "events_http".to_string())];
-            for (header, key) in [("x-slack-retry-num", "retry_attempt"), ("x-slack-retry-reason", "retry_reason")] {
-                if let Some(v) = headers.get(header).and_then(|v| v.to_str().ok()) {
-                    meta.push((key.into(), http_util::echo(v)));
-                }
-            }
-            let event = match payload_event(app, text, meta, now_ms()) {
+            let event = match payload_event(app, text, retry_meta(&headers, "events_http"), now_ms()) {
                 Ok(e) => e,
                 Err(e) => return http_util::error(StatusCode::BAD_REQUEST, e, None),
             };
@@ -558,6 +573,42 @@ async fn events(
             }
         }
         _ => StatusCode::OK.into_response(),
+    }
+}
+
+/// `X-Slack-Retry-Num`/`-Reason` as event meta.
+fn retry_meta(headers: &HeaderMap, envelope_type: &str) -> Vec<(String, String)> {
+    let mut meta = vec![("envelope_type".to_string(), envelope_type.to_string())];
+    for (header, key) in [("x-slack-retry-num", "retry_attempt"), ("x-slack-retry-reason", "retry_reason")] {
+        if let Some(v) = headers.get(header).and_then(|v| v.to_str().ok()) {
+            meta.push((key.into(), http_util::echo(v)));
+        }
+    }
+    meta
+}
+
+/// A form-encoded request: an interactive payload (`payload=<JSON>`) or a slash command
+/// (`command`, `text`, `channel_id`, ...). The body is kept as sent; 200 only after the write.
+async fn form(shared: &Shared, app: &App, headers: &HeaderMap, body: &str) -> Response {
+    let Ok(fields) = serde_urlencoded::from_str::<Vec<(String, String)>>(body) else {
+        return http_util::error(StatusCode::BAD_REQUEST, "malformed form body", None);
+    };
+    let (json, kind) = match fields.iter().find(|(k, _)| k == "payload") {
+        Some((_, payload)) => (payload.clone(), "interactive"),
+        None => {
+            let map: Map<String, Value> = fields.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
+            (Value::Object(map).to_string(), "slash_commands")
+        }
+    };
+    let mut event = match payload_event(app, &json, retry_meta(headers, kind), now_ms()) {
+        Ok(e) => e,
+        Err(e) => return http_util::error(StatusCode::BAD_REQUEST, e, None),
+    };
+    event.raw = body.as_bytes().to_vec();
+    event.content_type = "application/x-www-form-urlencoded".into();
+    match shared.sink.ingest(event).await {
+        Ok(_) => StatusCode::OK.into_response(),
+        Err(e) => http_util::sink_error(&e),
     }
 }
 

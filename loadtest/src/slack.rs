@@ -122,6 +122,8 @@ struct State_ {
     forbidden: HashMap<String, &'static str>,
     round_robin: usize,
     connections_opened: u64,
+    /// Most sockets open at once, per app id.
+    peak: HashMap<String, usize>,
 }
 
 struct Inner {
@@ -219,6 +221,11 @@ impl FakeSlack {
     /// Sockets currently open for `app_id`.
     pub fn open_sockets(&self, app_id: &str) -> usize {
         self.state().sockets.iter().filter(|(_, a, tx)| a == app_id && !tx.is_closed()).count()
+    }
+
+    /// Most sockets `app_id` had open at the same time (2 during a gapless refresh).
+    pub fn peak_sockets(&self, app_id: &str) -> usize {
+        self.state().peak.get(app_id).copied().unwrap_or(0)
     }
 
     /// Successful `apps.connections.open` calls.
@@ -349,7 +356,13 @@ async fn serve_socket(
     let hello = json!({"type": "hello", "num_connections": 1, "connection_info": {"app_id": app_id},
         "debug_info": {"host": "fake-slack", "approximate_connection_time": 18060}});
     let _ = tx.send(Message::text(hello.to_string()));
-    lock(&inner).sockets.push((id, app_id, tx));
+    {
+        let mut s = lock(&inner);
+        s.sockets.push((id, app_id.clone(), tx));
+        let open = s.sockets.iter().filter(|(_, a, t)| *a == app_id && !t.is_closed()).count();
+        let peak = s.peak.entry(app_id).or_default();
+        *peak = (*peak).max(open);
+    }
     let writer = tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
             let close = matches!(m, Message::Close(_));

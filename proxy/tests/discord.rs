@@ -300,3 +300,29 @@ async fn sigkill_while_idle_resumes_and_gets_what_was_missed() {
         "resumed from the last stored sequence (READY=1, 5 messages)"
     );
 }
+
+/// Promise 1 with the store failing mid-stream: a dispatch that cannot be stored makes the
+/// proxy reconnect and Resume from the last stored sequence, so once Redis is back every
+/// dispatch is stored exactly once, in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn store_outage_resumes_from_the_last_stored_sequence() {
+    let mut redis = Redis::start();
+    let fake = std::sync::Arc::new(FakeDiscord::start(TOKEN, Duration::from_secs(1)).await.unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!("{}{}", self_connecting_agent("a"), bot_section(&fake));
+    let config = write_config(dir.path(), &Backend::Redis(redis.url()), [0, 0, 0], &body);
+    let proxy = Proxy::start(&config);
+    wait_session(&fake, &proxy).await;
+    let pusher = stream(fake.clone(), 0, 150, Duration::from_millis(10));
+    wait_stored(&proxy, 20, Duration::from_secs(20)).await;
+    redis.kill9();
+    assert!(!pusher.is_finished(), "the outage began after the stream ended; the test proves nothing");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    redis.restart();
+    pusher.await.unwrap();
+    let keys = wait_stored(&proxy, 150, Duration::from_secs(60)).await;
+    assert_eq!(keys, (0..150).map(key).collect::<Vec<_>>(), "log:\n{}", proxy.log());
+    assert!(!fake.resumes().is_empty(), "resumed after the outage; log:\n{}", proxy.log());
+    assert_eq!(fake.identifies(), 1, "the session survived the outage");
+    assert!(proxy.log().contains("event not stored"), "the outage reached the adapter; log:\n{}", proxy.log());
+}

@@ -128,6 +128,7 @@ async fn refresh_requested_loses_and_duplicates_nothing() {
         fake.connections_opened(),
         proxy.log()
     );
+    assert_eq!(fake.peak_sockets(APP_ID), 2, "the replacement was not open before the old socket closed");
     assert!(!pusher.is_finished(), "the refresh happened after the stream ended; the test proves nothing");
     let pushed = pusher.await.unwrap();
     let ok = eventually(Duration::from_secs(30), || async { (fake.unacked() == 0).then_some(()) }).await;
@@ -137,6 +138,38 @@ async fn refresh_requested_loses_and_duplicates_nothing() {
     assert_eq!(unique.len(), stored.len(), "an event was stored twice");
     assert_eq!(sorted(&stored), sorted(&pushed), "every event stored once");
     assert_eq!(fake.acked().len(), pushed.len(), "each envelope acked exactly once");
+}
+
+/// The admin API's state of held connection `slack/ws` (`GET /api/channels`).
+async fn connection_state(proxy: &Proxy) -> Option<String> {
+    let r = http_client().get(format!("http://{}/api/channels", proxy.admin)).send().await.ok()?;
+    let json: Value = r.json().await.ok()?;
+    let c = json["connections"].as_array()?.iter().find(|c| c["channel"] == "slack" && c["name"] == "ws")?.clone();
+    c["state"].as_str().map(str::to_string)
+}
+
+/// `disconnect`/`link_disabled` stops the connection for good and shows as `disabled`.
+#[tokio::test(flavor = "multi_thread")]
+async fn link_disabled_stops_and_is_reported() {
+    let fake = fake(Options { disconnect_grace: Duration::from_millis(200), ..Options::default() }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!("{}{}", self_connecting_agent("a"), app_section(&fake.api_base, ""));
+    let config = write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &body);
+    let proxy = Proxy::start(&config);
+    let up = eventually(Duration::from_secs(10), || async {
+        (connection_state(&proxy).await.as_deref() == Some("connected")).then_some(())
+    })
+    .await;
+    assert!(up.is_some(), "never connected: {:?}; log:\n{}", connection_state(&proxy).await, proxy.log());
+    fake.disconnect(APP_ID, "link_disabled");
+    let off = eventually(Duration::from_secs(10), || async {
+        (connection_state(&proxy).await.as_deref() == Some("disabled")).then_some(())
+    })
+    .await;
+    assert!(off.is_some(), "not reported disabled: {:?}; log:\n{}", connection_state(&proxy).await, proxy.log());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(fake.connections_opened(), 1, "reconnected after link_disabled");
+    assert_eq!(fake.open_sockets(APP_ID), 0);
 }
 
 /// Events API: a bad or stale signature is 401 and stores nothing; `url_verification` is
@@ -179,9 +212,28 @@ async fn events_api_checks_signatures() {
     assert_eq!(statuses, [200]);
     assert_eq!(post_signed(&url, SECRET.as_bytes(), now, event.as_bytes(), 1).await, [200]);
     assert_eq!(post_signed(&url, SECRET.as_bytes(), now, event.as_bytes(), 1).await, [200], "a retry is answered 200");
+    // A slash command arrives form-encoded; it is stored with its body as sent.
+    let form = "command=%2Fdeploy&text=prod&channel_id=C9&user_id=U7&team_id=T0FAKE&trigger_id=13345224609.738474920.8088930838d88f008e0";
+    let r = http_client()
+        .post(&url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-slack-request-timestamp", now.to_string())
+        .header("x-slack-signature", signature(SECRET.as_bytes(), now, form.as_bytes()))
+        .body(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
     let events = proxy.events("a").await;
-    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(events.len(), 3, "{events:?}");
     assert_eq!(events[0]["conversation"], "C1:1.1", "a thread reply belongs to its thread");
+    assert_eq!(
+        (events[2]["conversation"].as_str(), events[2]["text"].as_str()),
+        (Some("C9"), Some("prod")),
+        "{}",
+        events[2]
+    );
+    assert!(events[2].to_string().contains("command=%2Fdeploy"), "form body kept as sent: {}", events[2]);
 }
 
 fn send(key: &str, conversation: &str, body: &str) -> SendRequest {

@@ -72,7 +72,8 @@ pub fn render(report: &Report, json: &str) -> String {
     let rates: Vec<(&str, f64, &str)> = report
         .figures
         .iter()
-        .filter(|f| f.unit.ends_with("/s") && f.value.is_finite())
+        // Rates of things (events, requests, connections); byte rates would not share a scale.
+        .filter(|f| f.unit.ends_with("/s") && !f.unit.contains("B/s") && f.value.is_finite())
         .map(|f| (f.name.as_str(), f.value, f.unit.as_str()))
         .collect();
     if !rates.is_empty() {
@@ -140,7 +141,7 @@ pub fn histogram_svg(h: &Histogram<u64>) -> String {
         return "<p>(no samples)</p>\n".into();
     }
     let (w, hgt, left, bottom) = (900.0, 260.0, 50.0, 40.0);
-    let plot_w = w - left - 10.0;
+    let plot_w = w - left - 30.0;
     let plot_h = hgt - bottom - 10.0;
     let max = b.iter().map(|x| x.1).max().unwrap_or(1).max(1) as f64;
     let bw = plot_w / b.len() as f64;
