@@ -27,12 +27,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use example::EXAMPLE;
-pub use validate::smtp::{DkimConfig, DkimKey, IpNet, RelayConfig, RelayTls, SmtpConfig, parse_ed25519_pkcs8_pem};
 pub use validate::discord::DiscordConfig;
-pub use validate::telegram::{TelegramConfig, TelegramMode};
-pub use validate::whatsapp::WhatsAppConfig;
 pub use validate::slack::{SlackConfig, SlackMode};
+pub use validate::smtp::{DkimConfig, DkimKey, IpNet, RelayConfig, RelayTls, SmtpConfig, parse_ed25519_pkcs8_pem};
+pub use validate::telegram::{TelegramConfig, TelegramMode};
 pub use validate::telemetry::TelemetryConfig;
+pub use validate::whatsapp::WhatsAppConfig;
 
 /// A secret string (token, signing key, password-bearing URL): kept out of `Debug`/`Display`
 /// so it never reaches logs, error messages or the dashboard.

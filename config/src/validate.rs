@@ -23,16 +23,16 @@ use crate::{
 };
 
 // Channel sections live in their own files; as children of this module they share `Ctx`.
-#[path = "telegram.rs"]
-pub(crate) mod telegram;
-#[path = "whatsapp.rs"]
-pub(crate) mod whatsapp;
 #[path = "discord.rs"]
 pub(crate) mod discord;
 #[path = "slack.rs"]
 pub(crate) mod slack;
+#[path = "telegram.rs"]
+pub(crate) mod telegram;
 #[path = "telemetry.rs"]
 pub(crate) mod telemetry;
+#[path = "whatsapp.rs"]
+pub(crate) mod whatsapp;
 
 const ENV_PREFIX: &str = "CONCIERGE_";
 /// Secret files larger than this are refused (a token is never this big; `/dev/zero` is).
