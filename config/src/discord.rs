@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use figment::value::Value;
 use serde::Deserialize;
 
-use super::{Ctx, Got, display_key, valid_name};
+use super::{ChannelTable, Ctx, Got};
 use crate::Secret;
 use crate::raw::Text;
 
@@ -86,38 +86,16 @@ pub(crate) struct RawDiscord {
 
 impl Ctx<'_> {
     pub(super) fn discord(&mut self, v: Option<&Value>, agent_ids: &[String]) -> BTreeMap<String, DiscordConfig> {
-        let mut bots = BTreeMap::new();
-        let Some(v) = v else { return bots };
-        let Some(dict) = v.as_dict() else {
-            self.err("discord", "expected a table of bots ([discord.<bot>])");
-            return bots;
+        let spec = ChannelTable {
+            section: "discord",
+            instances: "bots",
+            token_key: "token",
+            token_kind: "bot token",
+            why_one_owner: "a token must have exactly one gateway owner (two sessions split or duplicate events)",
         };
-        // One gateway owner per token: two sessions would split (or duplicate) events.
-        let mut tokens: BTreeMap<String, String> = BTreeMap::new();
-        for (name, value) in dict {
-            let path = display_key("discord", name);
-            if !valid_name(name) {
-                self.err(&path, "invalid bot name: use 1 to 64 characters from A-Z, a-z, 0-9, `_` and `-`");
-                continue;
-            }
-            let Some(raw) = self.section::<RawDiscord>(&path, Some(value)) else { continue };
-            let bot = self.discord_bot(&path, name, raw, agent_ids);
-            if !bot.token.expose().is_empty() {
-                if let Some(first) = tokens.get(bot.token.expose()) {
-                    self.err(
-                        &format!("{path}.token"),
-                        format!(
-                            "the same bot token is already configured for {}: a token must have exactly one gateway owner",
-                            display_key("discord", first)
-                        ),
-                    );
-                    continue;
-                }
-                tokens.insert(bot.token.expose().to_string(), name.clone());
-            }
-            bots.insert(name.clone(), bot);
-        }
-        bots
+        let build =
+            |ctx: &mut Self, path: &str, name: &str, raw: RawDiscord| ctx.discord_bot(path, name, raw, agent_ids);
+        self.channel_table(&spec, v, build, |bot: &DiscordConfig| Some(bot.token.expose()))
     }
 
     fn discord_bot(&mut self, p: &str, name: &str, raw: RawDiscord, agent_ids: &[String]) -> DiscordConfig {

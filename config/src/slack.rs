@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use figment::value::Value;
 use serde::Deserialize;
 
-use super::{Ctx, Got, display_key, valid_name};
+use super::{ChannelTable, Ctx, Got};
 use crate::Secret;
 use crate::raw::Text;
 
@@ -61,41 +61,15 @@ pub(crate) struct RawSlack {
 
 impl Ctx<'_> {
     pub(super) fn slack(&mut self, v: Option<&Value>, agent_ids: &[String]) -> BTreeMap<String, SlackConfig> {
-        let mut out = BTreeMap::new();
-        let Some(v) = v else { return out };
-        let Some(dict) = v.as_dict() else {
-            self.err("slack", "expected a table of Slack apps ([slack.<name>])");
-            return out;
+        let spec = ChannelTable {
+            section: "slack",
+            instances: "Slack apps",
+            token_key: "app_token",
+            token_kind: "app token",
+            why_one_owner: "one owner per Slack app (Slack spreads events over every open socket)",
         };
-        // app token -> first app using it: one Socket Mode owner per app (Slack spreads events
-        // over every open socket, so two owners would each see only part of the stream).
-        let mut owners: BTreeMap<String, String> = BTreeMap::new();
-        for (name, value) in dict {
-            let path = display_key("slack", name);
-            if !valid_name(name) {
-                self.err(&path, "invalid name: use 1 to 64 characters from A-Z, a-z, 0-9, `_` and `-`");
-                continue;
-            }
-            let Some(raw) = self.section::<RawSlack>(&path, Some(value)) else {
-                continue;
-            };
-            let app = self.slack_app(&path, name, raw, agent_ids);
-            if let Some(t) = app.app_token.as_ref().filter(|t| !t.expose().is_empty()) {
-                if let Some(first) = owners.get(t.expose()) {
-                    self.err(
-                        &format!("{path}.app_token"),
-                        format!(
-                            "the same app token is already configured for {}: one owner per Slack app (Slack spreads events over every open socket)",
-                            display_key("slack", first)
-                        ),
-                    );
-                    continue;
-                }
-                owners.insert(t.expose().to_string(), name.clone());
-            }
-            out.insert(name.clone(), app);
-        }
-        out
+        let build = |ctx: &mut Self, path: &str, name: &str, raw: RawSlack| ctx.slack_app(path, name, raw, agent_ids);
+        self.channel_table(&spec, v, build, |app: &SlackConfig| app.app_token.as_ref().map(|t| t.expose()))
     }
 
     fn slack_app(&mut self, p: &str, name: &str, raw: RawSlack, agent_ids: &[String]) -> SlackConfig {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use figment::value::Value;
 use serde::Deserialize;
 
-use super::{Ctx, Got, display_key, valid_name};
+use super::{ChannelTable, Ctx, Got, display_key};
 use crate::Secret;
 use crate::raw::Text;
 
@@ -102,40 +102,16 @@ const UPDATE_KINDS: &[&str] = &[
 
 impl Ctx<'_> {
     pub(super) fn telegram(&mut self, v: Option<&Value>, agent_ids: &[String]) -> BTreeMap<String, TelegramConfig> {
-        let mut bots = BTreeMap::new();
-        let Some(v) = v else { return bots };
-        let Some(dict) = v.as_dict() else {
-            self.err("telegram", "expected a table of bots ([telegram.<bot>])");
-            return bots;
+        let spec = ChannelTable {
+            section: "telegram",
+            instances: "bots",
+            token_key: "token",
+            token_kind: "bot token",
+            why_one_owner: "a token must have exactly one owner (Telegram answers 409 Conflict to a second poller)",
         };
-        // token -> first bot using it: one poller per token (Telegram answers 409 to a second).
-        let mut tokens: BTreeMap<String, String> = BTreeMap::new();
-        for (name, value) in dict {
-            let path = display_key("telegram", name);
-            if !valid_name(name) {
-                self.err(&path, "invalid bot name: use 1 to 64 characters from A-Z, a-z, 0-9, `_` and `-`");
-                continue;
-            }
-            let Some(raw) = self.section::<RawTelegram>(&path, Some(value)) else {
-                continue;
-            };
-            let bot = self.telegram_bot(&path, name, raw, agent_ids);
-            if !bot.token.expose().is_empty() {
-                if let Some(first) = tokens.get(bot.token.expose()) {
-                    self.err(
-                        &format!("{path}.token"),
-                        format!(
-                            "the same bot token is already configured for {}: a token must have exactly one owner (Telegram answers 409 Conflict to a second poller)",
-                            display_key("telegram", first)
-                        ),
-                    );
-                    continue;
-                }
-                tokens.insert(bot.token.expose().to_string(), name.clone());
-            }
-            bots.insert(name.clone(), bot);
-        }
-        bots
+        let build =
+            |ctx: &mut Self, path: &str, name: &str, raw: RawTelegram| ctx.telegram_bot(path, name, raw, agent_ids);
+        self.channel_table(&spec, v, build, |bot: &TelegramConfig| Some(bot.token.expose()))
     }
 
     fn telegram_bot(&mut self, p: &str, name: &str, raw: RawTelegram, agent_ids: &[String]) -> TelegramConfig {

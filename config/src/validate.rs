@@ -228,6 +228,54 @@ impl Ctx<'_> {
     }
 
     /// Deserializes one table; `None` (errors recorded) if it does not fit the schema.
+    /// Reads a channel section (`[<section>.<name>]` tables), building each instance with
+    /// `build` and refusing a token that another instance already owns: one owner per platform
+    /// connection (Telegram answers 409, Slack and Discord split the stream).
+    pub(super) fn channel_table<R, C>(
+        &mut self,
+        spec: &ChannelTable<'_>,
+        v: Option<&Value>,
+        mut build: impl FnMut(&mut Self, &str, &str, R) -> C,
+        token: impl Fn(&C) -> Option<&str>,
+    ) -> BTreeMap<String, C>
+    where
+        R: DeserializeOwned + Default,
+    {
+        let mut out = BTreeMap::new();
+        let Some(v) = v else { return out };
+        let Some(dict) = v.as_dict() else {
+            self.err(spec.section, format!("expected a table of {} ([{}.<name>])", spec.instances, spec.section));
+            return out;
+        };
+        let mut owners: BTreeMap<String, String> = BTreeMap::new();
+        for (name, value) in dict {
+            let path = display_key(spec.section, name);
+            if !valid_name(name) {
+                self.err(&path, "invalid name: use 1 to 64 characters from A-Z, a-z, 0-9, `_` and `-`");
+                continue;
+            }
+            let Some(raw) = self.section::<R>(&path, Some(value)) else { continue };
+            let instance = build(self, &path, name, raw);
+            if let Some(t) = token(&instance).filter(|t| !t.is_empty()) {
+                if let Some(first) = owners.get(t) {
+                    self.err(
+                        &format!("{path}.{}", spec.token_key),
+                        format!(
+                            "the same {} is already configured for {}: {}",
+                            spec.token_kind,
+                            display_key(spec.section, first),
+                            spec.why_one_owner
+                        ),
+                    );
+                    continue;
+                }
+                owners.insert(t.to_string(), name.clone());
+            }
+            out.insert(name.clone(), instance);
+        }
+        out
+    }
+
     fn section<T: DeserializeOwned + Default>(&mut self, key: &str, v: Option<&Value>) -> Option<T> {
         let Some(v) = v else {
             return Some(T::default());
@@ -1181,6 +1229,20 @@ fn read_secret_file(path: &Path) -> Result<String, String> {
         return Err(format!("{} is empty", path.display()));
     }
     Ok(s)
+}
+
+/// How a channel section is named and which of its secrets must have a single owner.
+pub(super) struct ChannelTable<'a> {
+    /// Top-level key, e.g. `telegram`.
+    pub(super) section: &'a str,
+    /// What the tables are, for "expected a table of ...".
+    pub(super) instances: &'a str,
+    /// Key of the token that must be unique, e.g. `token`.
+    pub(super) token_key: &'a str,
+    /// What that token is called in messages, e.g. `bot token`.
+    pub(super) token_kind: &'a str,
+    /// Why a second owner is refused.
+    pub(super) why_one_owner: &'a str,
 }
 
 #[cfg(test)]
