@@ -2,25 +2,12 @@
 
 use std::time::Duration;
 
-use concierge_config::{ConfigErrors, EXAMPLE, TelegramMode, load_str};
+mod common;
+use common::*;
+
+use concierge_config::{EXAMPLE, TelegramMode, load_str};
 
 const AGENT: &str = "[agents.echo]\ntoken = \"t0ken\"\n";
-
-fn errs(toml: &str) -> ConfigErrors {
-    match load_str(toml, "test.toml") {
-        Ok(c) => panic!("expected errors, got {c:?}"),
-        Err(e) => e,
-    }
-}
-
-#[track_caller]
-fn assert_line(errors: &ConfigErrors, parts: &[&str]) {
-    let text = errors.to_string();
-    assert!(
-        text.lines().any(|l| parts.iter().all(|p| l.contains(p))),
-        "no error line contains all of {parts:?}; errors were:\n{text}"
-    );
-}
 
 #[test]
 fn telegram_defaults_and_webhook_mode() {

@@ -11,33 +11,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use concierge_config::{
-    Config, ConfigErrors, DriverConfig, EXAMPLE, Secret, StoreBackend, Verify, WakePolicy, load, load_str,
-};
+mod common;
+use common::*;
+
+use concierge_config::{DriverConfig, EXAMPLE, Secret, StoreBackend, Verify, WakePolicy, load, load_str};
 use figment::Jail;
 
 const AGENT: &str = "[agents.echo]\ntoken = \"t0ken\"\n";
-
-fn ok(toml: &str) -> Config {
-    load_str(toml, "test.toml").unwrap_or_else(|e| panic!("expected Ok, got:\n{e}"))
-}
-
-fn errs(toml: &str) -> ConfigErrors {
-    match load_str(toml, "test.toml") {
-        Ok(c) => panic!("expected errors, got {c:?}"),
-        Err(e) => e,
-    }
-}
-
-/// Asserts that some error line contains every one of `parts`.
-#[track_caller]
-fn assert_line(errors: &ConfigErrors, parts: &[&str]) {
-    let text = errors.to_string();
-    assert!(
-        text.lines().any(|l| parts.iter().all(|p| l.contains(p))),
-        "no error line contains all of {parts:?}; errors were:\n{text}"
-    );
-}
 
 fn jail_err(e: impl std::fmt::Display) -> figment::Error {
     figment::Error::from(e.to_string())

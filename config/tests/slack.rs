@@ -1,24 +1,11 @@
 //! `[slack.<name>]`: defaults, mode-dependent requirements, token shapes and secrecy.
 
-use concierge_config::{ConfigErrors, SlackMode, load_str};
+use concierge_config::{SlackMode, load_str};
+
+mod common;
+use common::*;
 
 const AGENT: &str = "[agents.echo]\ntoken = \"t0ken\"\n";
-
-fn errs(toml: &str) -> ConfigErrors {
-    match load_str(toml, "test.toml") {
-        Ok(c) => panic!("expected errors, got {c:?}"),
-        Err(e) => e,
-    }
-}
-
-#[track_caller]
-fn assert_line(errors: &ConfigErrors, parts: &[&str]) {
-    let text = errors.to_string();
-    assert!(
-        text.lines().any(|l| parts.iter().all(|p| l.contains(p))),
-        "no error line contains all of {parts:?}; errors were:\n{text}"
-    );
-}
 
 #[test]
 fn socket_and_events_modes() {
