@@ -9,12 +9,11 @@
 //! cargo run --release -p concierge-loadtest --example discord_bench -- [--events 20000] [--bots 1000] [--concierge PATH]
 //! ```
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use concierge_loadtest::bench::{BenchProxy as Proxy, default_concierge};
 use concierge_loadtest::discord::FakeDiscord;
 use serde_json::json;
 
@@ -39,67 +38,11 @@ fn args() -> anyhow::Result<Args> {
     Ok(a)
 }
 
-/// `target/<profile>/concierge`, next to this example's `examples/` directory.
-fn default_concierge() -> PathBuf {
-    let exe = std::env::current_exe().unwrap_or_default();
-    exe.parent().and_then(Path::parent).map(|p| p.join("concierge")).unwrap_or_else(|| "concierge".into())
-}
-
-struct Proxy {
-    child: Child,
-    admin: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Proxy {
-    fn start(bin: &Path, channels: &str) -> anyhow::Result<Proxy> {
-        let dir = tempfile::tempdir()?;
-        let config = format!(
-            "[server]\nquic_listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\n[store]\nbackend = \"embedded\"\npath = \"{}\"\n\n[agents.a]\ntoken = \"bench-token-0123456789\"\nmax_pending = 100000000\n[agents.a.wake]\ndriver = \"none\"\npolicy = \"never\"\n\n{channels}",
-            dir.path().join("data").display(),
-            dir.path().join("store.db").display()
-        );
-        let path = dir.path().join("concierge.toml");
-        std::fs::write(&path, config)?;
-        let mut child = Command::new(bin)
-            .args(["serve", "--config"])
-            .arg(&path)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let stdout = child.stdout.take().context("stdout")?;
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        let ready: serde_json::Value = serde_json::from_str(&line).with_context(|| format!("ready line: {line}"))?;
-        let admin = ready["admin"].as_str().context("admin address")?.to_string();
-        Ok(Proxy { child, admin, _dir: dir })
-    }
-
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    }
-
-    async fn head(&self, http: &reqwest::Client) -> u64 {
-        let r = http.get(format!("http://{}/api/agents/a", self.admin)).send().await;
-        match r {
-            Ok(r) => r.json::<serde_json::Value>().await.ok().and_then(|v| v["head"].as_u64()).unwrap_or(0),
-            Err(_) => 0,
-        }
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// The agent's stored head, from the admin API (0 while it cannot be read).
+async fn head(proxy: &Proxy, http: &reqwest::Client) -> u64 {
+    match http.get(format!("http://{}/api/agents/a", proxy.admin)).send().await {
+        Ok(r) => r.json::<serde_json::Value>().await.ok().and_then(|v| v["head"].as_u64()).unwrap_or(0),
+        Err(_) => 0,
     }
 }
 
@@ -129,7 +72,7 @@ async fn wait_until(within: Duration, mut f: impl AsyncFnMut() -> bool) -> anyho
 
 async fn one_shard(a: &Args) -> anyhow::Result<()> {
     let fake = FakeDiscord::start(&token(0), Duration::from_secs(41)).await?;
-    let proxy = Proxy::start(&a.concierge, &bot_section(0, &fake))?;
+    let proxy = Proxy::start(&a.concierge, "embedded", None, &bot_section(0, &fake))?;
     let http = reqwest::Client::new();
     wait_until(Duration::from_secs(10), async || fake.session_id().is_some()).await?;
     let started = Instant::now();
@@ -139,7 +82,7 @@ async fn one_shard(a: &Args) -> anyhow::Result<()> {
         fake.dispatch("MESSAGE_CREATE", d);
     }
     let n = a.events;
-    wait_until(Duration::from_secs(600), async || proxy.head(&http).await >= n).await?;
+    wait_until(Duration::from_secs(600), async || head(&proxy, &http).await >= n).await?;
     let took = started.elapsed();
     println!(
         "discord gateway, 1 shard, embedded store: {n} dispatches in {took:.2?} = {:.0} events/s",
@@ -149,7 +92,7 @@ async fn one_shard(a: &Args) -> anyhow::Result<()> {
 }
 
 async fn many_gateways(a: &Args) -> anyhow::Result<()> {
-    let baseline = Proxy::start(&a.concierge, "")?;
+    let baseline = Proxy::start(&a.concierge, "embedded", None, "")?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let rss_base = baseline.rss_kib();
     drop(baseline);
@@ -160,7 +103,7 @@ async fn many_gateways(a: &Args) -> anyhow::Result<()> {
         channels.push_str(&bot_section(i, &fake));
         fakes.push(fake);
     }
-    let proxy = Proxy::start(&a.concierge, &channels)?;
+    let proxy = Proxy::start(&a.concierge, "embedded", None, &channels)?;
     wait_until(Duration::from_secs(120), async || fakes.iter().all(|f| f.session_id().is_some())).await?;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let rss = proxy.rss_kib();

@@ -1,5 +1,6 @@
 //! Platform fakes and load scenarios.
 
+pub mod bench;
 pub mod discord;
 pub mod fly;
 pub mod scenario;
