@@ -160,3 +160,41 @@ async fn an_ack_resent_after_reconnect_is_accepted_but_acks_beyond_the_log_are_n
     let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await.expect("closed");
     assert!(reason.to_string().contains("the log ends at 3"), "{reason}");
 }
+
+/// Promise 5: a full buffer is explicit backpressure (429 + Retry-After), never unbounded
+/// memory, loses nothing already stored, and clears once the agent acks.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_buffer_answers_429_until_the_agent_acks() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!(
+        "[agents.a]\ntoken = \"{TOKEN}\"\nmax_pending = 3\n[agents.a.wake]\ndriver = \"none\"\npolicy = \"never\"\n\n[webhooks.in]\nagent = \"a\"\nverify = \"none\"\n"
+    );
+    let proxy = Proxy::start(&write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &body));
+    for i in 1..=3 {
+        assert_eq!(proxy.post("a", "in", &format!("{{\"text\":\"m{i}\"}}"), Some(&format!("k{i}"))).await.0, 202);
+    }
+    let full = reqwest::Client::new()
+        .post(format!("http://{}/hooks/a/in", proxy.http))
+        .header("Idempotency-Key", "k4")
+        .body("{\"text\":\"m4\"}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(full.status().as_u16(), 429, "a full buffer pushes back");
+    assert!(full.headers().contains_key("retry-after"), "and says when to retry");
+    assert_eq!(proxy.agent("a").await["pending"], 3, "nothing beyond the cap is stored");
+
+    let mut agent = proxy.connect("a").await;
+    for expected in 1..=3u64 {
+        let e = tokio::time::timeout(Duration::from_secs(5), agent.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(e.offset, expected, "what was stored before the cap is all delivered");
+    }
+    agent.ack(3);
+    let cleared =
+        eventually(Duration::from_secs(5), || async { (proxy.agent("a").await["pending"] == 0).then_some(()) }).await;
+    assert!(cleared.is_some(), "the ack never reached the store");
+    // The platform's retry of the refused event is now accepted and delivered.
+    assert_eq!(proxy.post("a", "in", "{\"text\":\"m4\"}", Some("k4")).await.0, 202);
+    let e = tokio::time::timeout(Duration::from_secs(5), agent.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!((e.offset, e.data.text.as_deref()), (4, Some("m4")));
+}
