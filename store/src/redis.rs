@@ -19,7 +19,7 @@
 use std::time::Duration;
 
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use ::redis::{Client, Script, Value};
+use ::redis::{Client, Cmd, ErrorKind, Script, ServerErrorKind, Value};
 use async_trait::async_trait;
 use concierge_protocol::{EventData, EventRecord, SendResult};
 
@@ -197,24 +197,51 @@ impl RedisStore {
     fn conn(&self) -> ConnectionManager {
         self.conn.clone()
     }
+
+    /// Runs `EVALSHA` of `script` with `keys` and `args`, loading the script once if Redis
+    /// does not know it (first use, or after a restart).
+    ///
+    /// The command is built directly rather than through `redis::ScriptInvocation`, which
+    /// copies every key and argument into a vector of its own before copying them again into
+    /// the command: on the append path that was two extra copies of every event record.
+    async fn eval<T: ::redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        keys: &[&str],
+        args: impl FnOnce(&mut Cmd),
+    ) -> ::redis::RedisResult<T> {
+        let mut cmd = ::redis::cmd("EVALSHA");
+        cmd.arg(script.get_hash()).arg(keys.len()).arg(keys);
+        args(&mut cmd);
+        let mut conn = self.conn();
+        match cmd.query_async(&mut conn).await {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                script.prepare_invoke().load_async(&mut conn).await?;
+                cmd.query_async(&mut conn).await
+            }
+            other => other,
+        }
+    }
 }
 
 #[async_trait]
 impl Store for RedisStore {
     async fn append(&self, event: &EventData) -> Result<Appended, StoreError> {
         let keys = AgentKeys::new(&event.agent);
-        let mut call = self.scripts.append.key(&keys.meta);
-        call.key(&keys.evt);
-        if let Some(dedupe) = &event.dedupe_key {
-            call.key(keys.dedupe(dedupe));
-        }
-        call.arg(new_epoch())
-            .arg(event.to_record())
-            .arg(event.received_at_ms)
-            .arg(event.size_hint() as u64)
-            .arg(ttl_ms(self.opts.dedupe_ttl));
-        let (stored, offset): (i64, u64) =
-            call.invoke_async(&mut self.conn()).await.map_err(|e| unavailable("append", &event.agent, e))?;
+        let dedupe = event.dedupe_key.as_deref().map(|d| keys.dedupe(d));
+        let mut key_list = vec![keys.meta.as_str(), keys.evt.as_str()];
+        key_list.extend(dedupe.as_deref());
+        let record = event.to_record();
+        let (stored, offset): (i64, u64) = self
+            .eval(&self.scripts.append, &key_list, |c| {
+                c.arg(new_epoch())
+                    .arg(&record)
+                    .arg(event.received_at_ms)
+                    .arg(event.size_hint() as u64)
+                    .arg(ttl_ms(self.opts.dedupe_ttl));
+            })
+            .await
+            .map_err(|e| unavailable("append", &event.agent, e))?;
         Ok(if stored == 1 { Appended::Stored(offset) } else { Appended::Duplicate(offset) })
     }
 
@@ -238,28 +265,19 @@ impl Store for RedisStore {
 
     async fn ack(&self, agent: &str, up_to: u64) -> Result<u64, StoreError> {
         let keys = AgentKeys::new(agent);
-        self.scripts
-            .ack
-            .key(&keys.meta)
-            .key(&keys.evt)
-            .arg(new_epoch())
-            .arg(up_to)
-            .arg(self.opts.retain_acked)
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(|e| unavailable("ack", agent, e))
+        self.eval(&self.scripts.ack, &[keys.meta.as_str(), keys.evt.as_str()], |c| {
+            c.arg(new_epoch()).arg(up_to).arg(self.opts.retain_acked);
+        })
+        .await
+        .map_err(|e| unavailable("ack", agent, e))
     }
 
     async fn rewind(&self, agent: &str, to: u64) -> Result<u64, StoreError> {
         let keys = AgentKeys::new(agent);
         let (status, cursor): (i64, u64) = self
-            .scripts
-            .rewind
-            .key(&keys.meta)
-            .key(&keys.evt)
-            .arg(new_epoch())
-            .arg(to)
-            .invoke_async(&mut self.conn())
+            .eval(&self.scripts.rewind, &[keys.meta.as_str(), keys.evt.as_str()], |c| {
+                c.arg(new_epoch()).arg(to);
+            })
             .await
             .map_err(|e| unavailable("rewind", agent, e))?;
         match status {
@@ -277,12 +295,9 @@ impl Store for RedisStore {
     async fn position(&self, agent: &str) -> Result<Position, StoreError> {
         let keys = AgentKeys::new(agent);
         let (epoch, cursor, head): (u64, u64, u64) = self
-            .scripts
-            .position
-            .key(&keys.meta)
-            .key(&keys.evt)
-            .arg(new_epoch())
-            .invoke_async(&mut self.conn())
+            .eval(&self.scripts.position, &[keys.meta.as_str(), keys.evt.as_str()], |c| {
+                c.arg(new_epoch());
+            })
             .await
             .map_err(|e| unavailable("position", agent, e))?;
         Ok(Position { epoch, cursor, head })
@@ -291,12 +306,9 @@ impl Store for RedisStore {
     async fn stats(&self, agent: &str) -> Result<Stats, StoreError> {
         let keys = AgentKeys::new(agent);
         let (epoch, cursor, head, pending_bytes, oldest_pending_ms): (u64, u64, u64, u64, Option<u64>) = self
-            .scripts
-            .stats
-            .key(&keys.meta)
-            .key(&keys.evt)
-            .arg(new_epoch())
-            .invoke_async(&mut self.conn())
+            .eval(&self.scripts.stats, &[keys.meta.as_str(), keys.evt.as_str()], |c| {
+                c.arg(new_epoch());
+            })
             .await
             .map_err(|e| unavailable("stats", agent, e))?;
         Ok(Stats {
@@ -308,12 +320,11 @@ impl Store for RedisStore {
     }
 
     async fn claim_send(&self, agent: &str, key: &str) -> Result<SendClaim, StoreError> {
+        let send_key = AgentKeys::new(agent).send(key);
         let existing: Option<Vec<u8>> = self
-            .scripts
-            .claim
-            .key(AgentKeys::new(agent).send(key))
-            .arg(ttl_ms(self.opts.send_ttl))
-            .invoke_async(&mut self.conn())
+            .eval(&self.scripts.claim, &[send_key.as_str()], |c| {
+                c.arg(ttl_ms(self.opts.send_ttl));
+            })
             .await
             .map_err(|e| unavailable("claim_send", agent, e))?;
         match existing {
@@ -454,27 +465,39 @@ fn parse_entries(agent: &str, reply: Value) -> Result<Vec<EventRecord>, StoreErr
     let Value::Array(entries) = reply else {
         return Err(corrupt("XRANGE did not return an array"));
     };
+    // The reply is walked by value: each record's bytes move out of the reply tree instead of
+    // being converted into intermediate strings and vectors (records are the bulk of a replay).
     let mut events = Vec::with_capacity(entries.len());
     for entry in entries {
-        let (id, fields): (String, Vec<Vec<u8>>) =
-            ::redis::from_redis_value(entry).map_err(|e| corrupt(&format!("malformed entry: {e}")))?;
+        let Value::Array(pair) = entry else {
+            return Err(corrupt("malformed entry: not an array"));
+        };
+        let mut pair = pair.into_iter();
+        let (Some(Value::BulkString(id)), Some(Value::Array(fields)), None) = (pair.next(), pair.next(), pair.next())
+        else {
+            return Err(corrupt("malformed entry: expected [id, [field, value, ...]]"));
+        };
         let offset = id
-            .strip_prefix("0-")
+            .strip_prefix(b"0-")
+            .and_then(|o| std::str::from_utf8(o).ok())
             .and_then(|o| o.parse::<u64>().ok())
-            .ok_or_else(|| corrupt(&format!("unexpected entry id {id:?}")))?;
+            .ok_or_else(|| corrupt(&format!("unexpected entry id {:?}", String::from_utf8_lossy(&id))))?;
         let mut record = None;
         let mut received_at_ms = 0;
         let mut fields = fields.into_iter();
         while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
+            let (Value::BulkString(name), Value::BulkString(value)) = (name, value) else {
+                return Err(corrupt(&format!("entry {offset} has a field that is not a string")));
+            };
             match name.as_slice() {
-                b"record" => record = Some(value), // moved, not copied: records are the bulk of a replay
+                b"record" => record = Some(value),
                 b"received_ms" => {
                     received_at_ms = std::str::from_utf8(&value).ok().and_then(|t| t.parse().ok()).unwrap_or(0)
                 }
                 _ => {}
             }
         }
-        let record = record.ok_or_else(|| corrupt(&format!("entry {id} has no record")))?;
+        let record = record.ok_or_else(|| corrupt(&format!("entry 0-{offset} has no record")))?;
         events.push(EventRecord { offset, received_at_ms, record });
     }
     Ok(events)
@@ -522,6 +545,46 @@ mod tests {
         assert_eq!(redact_url("redis://user:p@ss@host/0?x=@"), "redis://[redacted]@host/0?x=@");
         assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
         assert_eq!(redact_url("unix:///tmp/r.sock"), "unix:///tmp/r.sock");
+    }
+
+    fn bulk(b: &[u8]) -> Value {
+        Value::BulkString(b.to_vec())
+    }
+
+    fn entry(id: &[u8], fields: &[(&[u8], &[u8])]) -> Value {
+        let fields = fields.iter().flat_map(|(n, v)| [bulk(n), bulk(v)]).collect();
+        Value::Array(vec![bulk(id), Value::Array(fields)])
+    }
+
+    #[test]
+    fn stream_entries_parse_into_records_whatever_the_field_order() {
+        let reply = Value::Array(vec![
+            entry(b"0-7", &[(b"record", b"\x01\x02"), (b"received_ms", b"1234"), (b"size", b"2"), (b"cb", b"0")]),
+            entry(b"0-9", &[(b"cb", b"2"), (b"received_ms", b"99"), (b"record", b"abc")]),
+        ]);
+        let got = parse_entries("a", reply).expect("well-formed reply");
+        assert_eq!(got.len(), 2);
+        assert_eq!((got[0].offset, got[0].received_at_ms, got[0].record.as_slice()), (7, 1234, &b"\x01\x02"[..]));
+        assert_eq!((got[1].offset, got[1].received_at_ms, got[1].record.as_slice()), (9, 99, &b"abc"[..]));
+    }
+
+    #[test]
+    fn malformed_stream_entries_are_corrupt_errors_naming_the_agent() {
+        let cases = [
+            Value::Okay,
+            Value::Array(vec![Value::Int(1)]),
+            Value::Array(vec![entry(b"1-7", &[(b"record", b"x")])]),
+            Value::Array(vec![entry(b"0-x", &[(b"record", b"x")])]),
+            Value::Array(vec![entry(b"0-7", &[(b"size", b"1")])]),
+            Value::Array(vec![Value::Array(vec![bulk(b"0-7"), Value::Array(vec![bulk(b"record"), Value::Int(3)])])]),
+            Value::Array(vec![Value::Array(vec![bulk(b"0-7"), Value::Array(vec![]), bulk(b"extra")])]),
+        ];
+        for (i, reply) in cases.into_iter().enumerate() {
+            match parse_entries("bob", reply) {
+                Err(StoreError::Corrupt(m)) => assert!(m.contains("\"bob\""), "case {i}: {m}"),
+                other => panic!("case {i}: expected a Corrupt error, got {other:?}"),
+            }
+        }
     }
 
     #[test]

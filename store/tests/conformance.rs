@@ -858,3 +858,33 @@ async fn redis_lost_meta_with_surviving_stream_redelivers_instead_of_overwriting
         .await
         .unwrap();
 }
+
+/// Redis forgets scripts on restart or `SCRIPT FLUSH`; every script call must reload and
+/// succeed rather than fail with NOSCRIPT (the store sends EVALSHA itself).
+#[tokio::test]
+async fn redis_reloads_scripts_after_script_flush() {
+    let url = shared_redis_url();
+    let store = RedisStore::connect(&url, StoreOptions::default()).await.unwrap();
+    let agent = random_prefix();
+    assert_eq!(store.append(&event(&agent, Some("k1"), "m1")).await.unwrap(), Appended::Stored(1));
+    let mut conn = raw_redis(&url).await;
+    let flush = || redis::cmd("SCRIPT").arg("FLUSH").clone();
+    let _: () = flush().query_async(&mut conn).await.unwrap();
+    assert_eq!(store.append(&event(&agent, Some("k2"), "m2")).await.unwrap(), Appended::Stored(2));
+    let _: () = flush().query_async(&mut conn).await.unwrap();
+    assert_eq!(store.append(&event(&agent, Some("k2"), "again")).await.unwrap(), Appended::Duplicate(2));
+    let _: () = flush().query_async(&mut conn).await.unwrap();
+    assert_eq!(store.stats(&agent).await.unwrap().pending, 2);
+    let _: () = flush().query_async(&mut conn).await.unwrap();
+    assert_eq!(store.ack(&agent, 2).await.unwrap(), 2);
+    let _: () = flush().query_async(&mut conn).await.unwrap();
+    assert_eq!(store.position(&agent).await.unwrap().cursor, 2);
+    let _: () = redis::cmd("DEL")
+        .arg(format!("c:{{{agent}}}:meta"))
+        .arg(format!("c:{{{agent}}}:evt"))
+        .arg(format!("c:{{{agent}}}:dd:k1"))
+        .arg(format!("c:{{{agent}}}:dd:k2"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
