@@ -429,8 +429,18 @@ struct AgentKeys {
 
 impl AgentKeys {
     fn new(agent: &str) -> Self {
-        let prefix = format!("c:{{{}}}:", escape_agent(agent));
-        Self { meta: format!("{prefix}meta"), evt: format!("{prefix}evt"), prefix }
+        // On every append: plain pushes, not format! (measurably cheaper per event).
+        let with = |suffix: &str, prefix: &str| {
+            let mut key = String::with_capacity(prefix.len() + suffix.len());
+            key.push_str(prefix);
+            key.push_str(suffix);
+            key
+        };
+        let mut prefix = String::with_capacity(agent.len() + 8);
+        prefix.push_str("c:{");
+        escape_agent_into(agent, &mut prefix);
+        prefix.push_str("}:");
+        Self { meta: with("meta", &prefix), evt: with("evt", &prefix), prefix }
     }
 
     fn dedupe(&self, key: &str) -> String {
@@ -446,17 +456,26 @@ impl AgentKeys {
 /// empty id becomes `%` (never produced otherwise), because an empty tag `{}` would not
 /// keep the agent's keys in one Cluster slot.
 fn escape_agent(agent: &str) -> String {
+    let mut out = String::with_capacity(agent.len() + 1);
+    escape_agent_into(agent, &mut out);
+    out
+}
+
+/// [`escape_agent`] appended to `out`.
+fn escape_agent_into(agent: &str, out: &mut String) {
     if agent.is_empty() {
-        return "%".to_owned();
+        out.push('%');
+        return;
     }
-    let mut out = String::with_capacity(agent.len());
     for c in agent.chars() {
         match c {
-            '%' | '{' | '}' | ':' => out.push_str(&format!("%{:02X}", c as u32)),
+            '%' | '{' | '}' | ':' => {
+                out.push('%');
+                out.push_str(&format!("{:02X}", c as u32));
+            }
             c => out.push(c),
         }
     }
-    out
 }
 
 /// Turns an XRANGE reply (`[[id, [field, value, ...]], ...]`) into events.
