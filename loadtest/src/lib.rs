@@ -1,6 +1,5 @@
 //! Platform fakes and load scenarios.
 
-pub mod bench;
 pub mod discord;
 pub mod fly;
 pub mod scenario;

@@ -11,8 +11,9 @@
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use concierge_loadtest::scenario::proxy::PrivateRedis;
 use serde_json::Value;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -34,44 +35,10 @@ fn concierge() -> PathBuf {
     path
 }
 
-/// A `redis-server` of the test's own on a free port (removed on drop), so the smoke test
-/// does not depend on, or write to, a shared Redis.
-struct Redis {
-    child: std::process::Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed for the redis smoke test");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Redis { child, port, _dir: dir }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A `redis-server` of the test's own on a free port, without persistence (removed on drop),
+/// so the smoke test does not depend on, or write to, a shared Redis.
+fn redis() -> PrivateRedis {
+    PrivateRedis::start(None).expect("redis-server must be installed for the redis smoke tests")
 }
 
 /// Runs one scenario with `--quick --json` and returns its report (the last stdout line).
@@ -130,22 +97,107 @@ fn replay_embedded() {
 
 #[test]
 fn replay_redis() {
-    let redis = Redis::start();
+    let redis = redis();
     let r = run("replay", &["--store", "redis", "--redis-url", &redis.url()]);
     assert!(figure(&r, "replay_events_per_s") > 0.0);
 }
 
 #[test]
-fn latency_embedded() {
-    let r = run("latency", &["--store", "embedded"]);
+fn e2e_embedded() {
+    let r = run("e2e", &["--store", "embedded"]);
     assert!(figure(&r, "webhook_to_agent_count") > 0.0);
     assert_eq!(figure(&r, "acked_but_not_received"), 0.0, "{r}");
 }
 
 #[test]
-fn wake_embedded() {
-    let r = run("wake", &["--store", "embedded"]);
+fn wake_storm_embedded() {
+    let r = run("wake-storm", &["--store", "embedded"]);
     assert_eq!(figure(&r, "wakes"), 5.0, "{r}");
+}
+
+/// The names are the scenarios' names; the old ones stay accepted as aliases.
+#[test]
+fn old_scenario_names_are_aliases() {
+    for (old, new) in [("latency", "e2e"), ("wake", "wake-storm")] {
+        let out = Command::new(loadtest()).args([old, "--help"]).output().expect("run concierge-loadtest");
+        assert!(out.status.success(), "{old} --help failed: {}", String::from_utf8_lossy(&out.stderr));
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(help.contains(new), "`{old} --help` does not name {new}: {help}");
+    }
+}
+
+/// `smtp`: messages accepted through real SMTP sessions; the Postfix comparison appears when
+/// Postfix is installed and the test runs as root, and is otherwise skipped with a note.
+#[test]
+fn smtp_redis() {
+    let r = run("smtp", &["--store", "redis"]);
+    assert!(figure(&r, "messages_per_s") > 0.0, "{r}");
+    assert!(figure(&r, "message_latency_count") >= 200.0, "{r}");
+    assert_eq!(figure(&r, "errors"), 0.0, "{r}");
+    if postfix_usable() {
+        assert!(figure(&r, "postfix_messages_per_s") > 0.0, "{r}");
+        assert!(figure(&r, "vs_postfix") > 0.0, "{r}");
+    } else {
+        let notes = r["notes"].to_string();
+        assert!(notes.contains("PEER SKIPPED") && notes.contains("apt-get install postfix"), "{r}");
+        assert!(!r["figures"].to_string().contains("vs_postfix"), "{r}");
+        eprintln!("postfix not usable here: only our side of smtp was checked");
+    }
+}
+
+#[test]
+fn smtp_embedded_without_peer() {
+    let r = run_with("smtp", &["--store", "embedded"], &["--no-peer", "--messages", "100"]);
+    assert!(figure(&r, "messages_per_s") > 0.0, "{r}");
+    assert!(!r.to_string().contains("postfix_messages_per_s"), "{r}");
+}
+
+#[test]
+fn telegram_embedded() {
+    let r = run("telegram", &["--store", "embedded"]);
+    assert!(figure(&r, "updates_per_s") > 0.0, "{r}");
+    assert_eq!(figure(&r, "update_to_confirmed_count"), 20.0, "{r}");
+    assert_eq!(figure(&r, "pollers_held"), 10.0, "{r}");
+    assert!(figure(&r, "proxy_rss_with_pollers") > 0.0, "{r}");
+    figure(&r, "rss_per_idle_poller");
+    assert!(figure(&r, "fan_in_updates_per_s") > 0.0, "{r}");
+}
+
+#[test]
+fn slack_redis() {
+    let redis = redis();
+    let r = run("slack", &["--store", "redis", "--redis-url", &redis.url()]);
+    assert!(figure(&r, "events_per_s") > 0.0, "{r}");
+    assert_eq!(figure(&r, "sockets_held"), 10.0, "{r}");
+    figure(&r, "rss_per_idle_socket");
+}
+
+#[test]
+fn discord_embedded() {
+    let r = run("discord", &["--store", "embedded"]);
+    assert!(figure(&r, "events_per_s") > 0.0, "{r}");
+    assert_eq!(figure(&r, "dispatch_to_stored_count"), 20.0, "{r}");
+    assert_eq!(figure(&r, "gateways_held"), 5.0, "{r}");
+    figure(&r, "rss_per_idle_gateway");
+}
+
+#[test]
+fn whatsapp_embedded() {
+    let r = run("whatsapp", &["--store", "embedded"]);
+    let posts = figure(&r, "posts_per_s");
+    assert!(posts > 0.0, "{r}");
+    let messages = figure(&r, "messages_per_s");
+    assert!((messages - posts * 10.0).abs() <= 1e-6 * messages, "10 messages per POST: {r}");
+    assert!(figure(&r, "ack_latency_count") > 0.0, "{r}");
+    assert_eq!(figure(&r, "errors"), 0.0, "{r}");
+}
+
+/// Whether the smtp scenario can start its Postfix peer here (installed, and root).
+fn postfix_usable() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    root && std::path::Path::new("/usr/sbin/postfix").is_file()
+        && std::path::Path::new("/etc/postfix/master.cf").is_file()
 }
 
 #[test]
@@ -156,14 +208,14 @@ fn ingest_embedded() {
 
 #[test]
 fn ingest_redis() {
-    let redis = Redis::start();
+    let redis = redis();
     let r = run("ingest", &["--store", "redis", "--redis-url", &redis.url()]);
     assert!(figure(&r, "acks_per_s") > 0.0);
 }
 
 #[test]
 fn fleet_redis() {
-    let redis = Redis::start();
+    let redis = redis();
     let r = run("fleet", &["--store", "redis", "--redis-url", &redis.url()]);
     assert_eq!(figure(&r, "events_filled"), 20_000.0, "{r}");
     assert!(figure(&r, "api_fleet_count") > 0.0);
@@ -171,7 +223,7 @@ fn fleet_redis() {
 
 #[test]
 fn hold_redis() {
-    let redis = Redis::start();
+    let redis = redis();
     let r = run("hold", &["--store", "redis", "--redis-url", &redis.url()]);
     assert_eq!(figure(&r, "agents_held"), 200.0, "{r}");
     assert_eq!(figure(&r, "smtp_sessions_held"), 200.0, "{r}");
@@ -190,7 +242,7 @@ fn nginx_installed() -> bool {
 /// succeeds and says the comparison was skipped.
 #[test]
 fn ingest_peer_redis() {
-    let redis = Redis::start();
+    let redis = redis();
     let r = run_with("ingest", &["--store", "redis", "--redis-url", &redis.url()], &["--peer"]);
     assert!(figure(&r, "acks_per_s") > 0.0);
     if nginx_installed() {

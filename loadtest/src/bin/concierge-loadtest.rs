@@ -9,8 +9,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use concierge_loadtest::scenario::{self, Context, Report, StoreChoice};
 
-/// Benchmarks Concierge: replay throughput, warm-path latency, wake overhead, ingest rate,
-/// fleet-view API latency, memory per held connection.
+/// Benchmarks Concierge: replay throughput, warm-path (e2e) latency, wake overhead, ingest
+/// rate, fleet-view API latency, memory per held connection, and per-channel ingest (SMTP with
+/// Postfix alongside, Telegram, Slack, Discord, WhatsApp) against the platform fakes.
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
@@ -63,7 +64,8 @@ enum Scenario {
         body_bytes: usize,
     },
     /// Open-loop webhooks at a fixed rate to a connected agent; webhook -> agent latency.
-    Latency {
+    #[command(name = "e2e", alias = "latency")]
+    E2e {
         /// Webhooks per second.
         #[arg(long, default_value_t = 1000)]
         rate: u64,
@@ -81,7 +83,8 @@ enum Scenario {
         body_bytes: usize,
     },
     /// Wake overhead: exec driver starting the built-in echo agent, repeatedly.
-    Wake {
+    #[command(alias = "wake")]
+    WakeStorm {
         /// Wake rounds (default 30; 5 with --quick).
         #[arg(long)]
         wakes: Option<u32>,
@@ -137,6 +140,76 @@ enum Scenario {
         /// Connections opened at once.
         #[arg(long, default_value_t = 64)]
         connect_concurrency: usize,
+    },
+    /// SMTP sessions delivering messages (250 after the final dot = stored): messages/s and
+    /// latency, with a private Postfix measured side by side when installed (root).
+    Smtp {
+        /// Concurrent sessions.
+        #[arg(long, default_value_t = 10)]
+        sessions: usize,
+        /// Messages per measurement (default 4000; 200 with --quick).
+        #[arg(long)]
+        messages: Option<usize>,
+        /// Message body size in bytes.
+        #[arg(long, default_value_t = 10240)]
+        bytes: usize,
+        /// Measurements of each server, interleaved (ours, Postfix, ours, ...).
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+        /// `appendfsync` of the private redis-server used with --store redis.
+        #[arg(long, default_value = "always", value_parser = ["always", "everysec", "no"])]
+        appendfsync: String,
+        /// Skip the Postfix comparison.
+        #[arg(long)]
+        no_peer: bool,
+    },
+    /// Telegram long polling against the fake: updates/s, update -> confirmed latency, memory
+    /// per idle poller.
+    Telegram {
+        /// Updates queued at once to one bot (default 20000; 300 with --quick).
+        #[arg(long)]
+        updates: Option<usize>,
+        /// Updates sent one at a time for the latency probe (default 500; 20 with --quick).
+        #[arg(long)]
+        probe: Option<usize>,
+        /// Bots long-polling at once for the memory figure, 0 to skip (default 1000; 10 with --quick).
+        #[arg(long, visible_alias = "bots")]
+        connections: Option<usize>,
+    },
+    /// Slack Socket Mode against the fake: events/s, memory per idle socket.
+    Slack {
+        /// Events queued at once on one socket (default 20000; 300 with --quick).
+        #[arg(long)]
+        events: Option<usize>,
+        /// Apps (one idle socket each) for the memory figure, 0 to skip (default 1000; 10 with --quick).
+        #[arg(long, visible_alias = "connections")]
+        apps: Option<usize>,
+    },
+    /// Discord gateway against the fake: dispatches/s, dispatch -> stored latency, memory per
+    /// idle gateway.
+    Discord {
+        /// Dispatches queued at once on one shard (default 20000; 200 with --quick).
+        #[arg(long)]
+        events: Option<u64>,
+        /// Dispatches sent one at a time for the latency probe (default 500; 20 with --quick).
+        #[arg(long)]
+        probe: Option<usize>,
+        /// Gateways (bots) held at once for the memory figure, 0 to skip (default 1000; 5 with --quick).
+        #[arg(long, visible_alias = "bots")]
+        connections: Option<usize>,
+    },
+    /// Signed WhatsApp webhooks (several messages per POST) at fixed concurrency: durable-ack
+    /// rate and latency.
+    Whatsapp {
+        /// Concurrent POSTs, one keep-alive connection each.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Text messages per notification.
+        #[arg(long, default_value_t = 10)]
+        messages_per_post: usize,
+        /// Measured duration, e.g. 10s (default 10s; 2s with --quick).
+        #[arg(long, value_parser = humantime_duration)]
+        duration: Option<Duration>,
     },
 }
 
@@ -225,20 +298,20 @@ async fn run(ctx: &Context, s: Scenario) -> anyhow::Result<Report> {
             p.body_bytes = body_bytes;
             scenario::replay::run(ctx, &p).await
         }
-        Scenario::Latency { rate, duration, connections, ack_every, body_bytes } => {
-            let mut p = scenario::latency::Params::defaults(q);
+        Scenario::E2e { rate, duration, connections, ack_every, body_bytes } => {
+            let mut p = scenario::e2e::Params::defaults(q);
             p.rate = rate.max(1);
             p.duration = duration.unwrap_or(p.duration);
             p.connections = connections.max(1);
             p.ack_every = ack_every.max(1);
             p.body_bytes = body_bytes;
-            scenario::latency::run(ctx, &p).await
+            scenario::e2e::run(ctx, &p).await
         }
-        Scenario::Wake { wakes, sleep_after } => {
-            let mut p = scenario::wake::Params::defaults(q);
+        Scenario::WakeStorm { wakes, sleep_after } => {
+            let mut p = scenario::wake_storm::Params::defaults(q);
             p.wakes = wakes.unwrap_or(p.wakes).max(1);
             p.sleep_after = sleep_after;
-            scenario::wake::run(ctx, &p).await
+            scenario::wake_storm::run(ctx, &p).await
         }
         Scenario::Ingest { concurrency, duration, agents, body_bytes, peer } => {
             let mut p = scenario::ingest::Params::defaults(q);
@@ -264,6 +337,43 @@ async fn run(ctx: &Context, s: Scenario) -> anyhow::Result<Report> {
             p.smtp = smtp.unwrap_or(p.smtp);
             p.connect_concurrency = connect_concurrency.max(1);
             scenario::hold::run(ctx, &p).await
+        }
+        Scenario::Smtp { sessions, messages, bytes, rounds, appendfsync, no_peer } => {
+            let mut p = scenario::smtp::Params::defaults(q);
+            p.sessions = sessions.max(1);
+            p.messages = messages.unwrap_or(p.messages).max(1);
+            p.bytes = bytes.max(100);
+            p.rounds = rounds.max(1);
+            p.appendfsync = appendfsync;
+            p.peer = !no_peer;
+            scenario::smtp::run(ctx, &p).await
+        }
+        Scenario::Telegram { updates, probe, connections } => {
+            let mut p = scenario::telegram::Params::defaults(q);
+            p.updates = updates.unwrap_or(p.updates).max(1);
+            p.probe = probe.unwrap_or(p.probe).max(1);
+            p.bots = connections.unwrap_or(p.bots);
+            scenario::telegram::run(ctx, &p).await
+        }
+        Scenario::Slack { events, apps } => {
+            let mut p = scenario::slack::Params::defaults(q);
+            p.events = events.unwrap_or(p.events).max(1);
+            p.apps = apps.unwrap_or(p.apps);
+            scenario::slack::run(ctx, &p).await
+        }
+        Scenario::Discord { events, probe, connections } => {
+            let mut p = scenario::discord::Params::defaults(q);
+            p.events = events.unwrap_or(p.events).max(1);
+            p.probe = probe.unwrap_or(p.probe).max(1);
+            p.bots = connections.unwrap_or(p.bots);
+            scenario::discord::run(ctx, &p).await
+        }
+        Scenario::Whatsapp { concurrency, messages_per_post, duration } => {
+            let mut p = scenario::whatsapp::Params::defaults(q);
+            p.concurrency = concurrency.max(1);
+            p.messages_per_post = messages_per_post.max(1);
+            p.duration = duration.unwrap_or(p.duration);
+            scenario::whatsapp::run(ctx, &p).await
         }
     }
 }

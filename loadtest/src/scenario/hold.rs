@@ -21,7 +21,8 @@ use concierge_protocol::client::AgentClient;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::TcpStream;
 
-use super::proxy::{Proxy, agent_section, toml_str};
+use super::proxy::{Proxy, agent_section, free_port, rss_kib, toml_str};
+use super::smtp::expect;
 use super::{Context, Report, Target, bounded, random_hex};
 
 /// The target: 10k agent sessions + 10k platform connections in under 1 GiB.
@@ -74,17 +75,6 @@ pub fn raise_nofile(want: u64) -> u64 {
         return lim.rlim_max;
     }
     lim.rlim_cur
-}
-
-/// `VmRSS` of `pid` in KiB.
-pub fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok()
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(l.local_addr()?.port())
 }
 
 /// Runs the scenario.
@@ -316,21 +306,4 @@ async fn smtp_idle(addr: SocketAddr) -> anyhow::Result<BufReader<TcpStream>> {
     r.get_mut().write_all(b"EHLO hold.test\r\n").await?;
     expect(&mut r, "250").await?;
     Ok(r)
-}
-
-async fn expect(r: &mut BufReader<TcpStream>, code: &str) -> anyhow::Result<()> {
-    let mut all = String::new();
-    for _ in 0..64 {
-        let mut line = String::new();
-        let n = tokio::time::timeout(Duration::from_secs(30), r.read_line(&mut line))
-            .await
-            .context("SMTP reply timed out")??;
-        anyhow::ensure!(n > 0, "server closed the connection after {all:?}");
-        all.push_str(&line);
-        if line.as_bytes().get(3) != Some(&b'-') {
-            anyhow::ensure!(all.starts_with(code), "expected {code}, got {all:?}");
-            return Ok(());
-        }
-    }
-    anyhow::bail!("SMTP reply too long")
 }

@@ -4,14 +4,15 @@
 //! Agents are asleep (policy `never`), so only the write path is measured.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use bytes::Bytes;
 use concierge_adapters::signature;
 
+use super::e2e::base64_random;
 use super::http::Conn;
-use super::latency::base64_random;
 use super::peer::{NGINX_HINT, Nginx, REDIS_BENCHMARK_HINT, redis_xadd};
 use super::proxy::{CpuMeter, Proxy, agent_section, route_section, toml_str};
 use super::{Context, Report, StoreChoice, Target, bounded, histogram, random_hex, record};
@@ -176,36 +177,74 @@ pub struct LoadResult {
 /// to `paths` (round-robin by worker) at `http` for the warm-up plus the measured duration;
 /// answers with status `ok` inside the measured window are counted.
 pub async fn load(http: SocketAddr, paths: &[String], key: &[u8], p: &Params, ok: u16) -> anyhow::Result<LoadResult> {
+    let (paths, key, size) = (paths.to_vec(), key.to_vec(), p.body_bytes);
+    let make = move |w: usize, i: u64| {
+        let body = super::body((w as u64) << 40 | i, "ingest", size);
+        let id = format!("msg_{w}_{i}");
+        let ts = (concierge_protocol::now_ms() / 1000) as i64;
+        let sig = signature::standard_sign(&key, &id, ts, &body);
+        Request {
+            path: paths[w % paths.len()].clone(),
+            headers: vec![
+                ("content-type", "application/json".into()),
+                ("webhook-id", id),
+                ("webhook-timestamp", ts.to_string()),
+                ("webhook-signature", sig),
+            ],
+            body: Bytes::from(body),
+        }
+    };
+    let shape = Shape { concurrency: p.concurrency, warmup: p.warmup, duration: p.duration };
+    closed_loop(http, &shape, ok, Arc::new(make)).await
+}
+
+/// The size and length of a closed-loop load phase.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    /// Workers, one keep-alive connection each.
+    pub concurrency: usize,
+    /// Excluded from the figures, before the measured duration.
+    pub warmup: Duration,
+    /// Measured duration.
+    pub duration: Duration,
+}
+
+/// One request of a closed-loop worker.
+pub struct Request {
+    /// Path to POST to.
+    pub path: String,
+    /// Headers to send.
+    pub headers: Vec<(&'static str, String)>,
+    /// The body.
+    pub body: Bytes,
+}
+
+/// Makes request `i` of worker `w`.
+pub type MakeRequest = Arc<dyn Fn(usize, u64) -> Request + Send + Sync>;
+
+/// `shape.concurrency` closed-loop workers, one keep-alive connection each, POST what `make`
+/// builds to `http` for the warm-up plus the measured duration; answers with status `ok`
+/// inside the measured window are counted, every other answer or transport error is an error.
+pub async fn closed_loop(http: SocketAddr, shape: &Shape, ok: u16, make: MakeRequest) -> anyhow::Result<LoadResult> {
     let begin = Instant::now();
-    let measure_from = begin + p.warmup;
-    let end = measure_from + p.duration;
+    let measure_from = begin + shape.warmup;
+    let end = measure_from + shape.duration;
     let mut workers = tokio::task::JoinSet::new();
-    for w in 0..p.concurrency.max(1) {
-        let path = paths[w % paths.len()].clone();
-        let key = key.to_vec();
-        let size = p.body_bytes;
+    for w in 0..shape.concurrency.max(1) {
+        let make = make.clone();
         workers.spawn(async move {
             let mut r = LoadResult { latencies: histogram(), acked: 0, errors: 0, first_error: None };
             let mut conn = Conn::connect(http).await?;
             let mut i = 0u64;
             loop {
-                let started = Instant::now();
-                if started >= end {
+                if Instant::now() >= end {
                     return anyhow::Ok(r);
                 }
                 i += 1;
-                let body = super::body((w as u64) << 40 | i, "ingest", size);
-                let id = format!("msg_{w}_{i}");
-                let ts = (concierge_protocol::now_ms() / 1000) as i64;
-                let sig = signature::standard_sign(&key, &id, ts, &body);
-                let ts = ts.to_string();
-                let headers = [
-                    ("content-type", "application/json"),
-                    ("webhook-id", id.as_str()),
-                    ("webhook-timestamp", ts.as_str()),
-                    ("webhook-signature", sig.as_str()),
-                ];
-                let answer = conn.post(&path, &headers, Bytes::from(body)).await;
+                let req = make(w, i);
+                let headers: Vec<(&str, &str)> = req.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                let started = Instant::now();
+                let answer = conn.post(&req.path, &headers, req.body).await;
                 let done = Instant::now();
                 let counted = started >= measure_from && done <= end;
                 match answer {
@@ -230,8 +269,8 @@ pub async fn load(http: SocketAddr, paths: &[String], key: &[u8], p: &Params, ok
         });
     }
     let mut total = LoadResult { latencies: histogram(), acked: 0, errors: 0, first_error: None };
-    let limit = p.warmup + p.duration + Duration::from_secs(60);
-    bounded("the ingest workers", limit, async {
+    let limit = shape.warmup + shape.duration + Duration::from_secs(60);
+    bounded("the load workers", limit, async {
         while let Some(r) = workers.join_next().await {
             let r = r.context("worker panicked")??;
             total.latencies.add(&r.latencies).context("merging histograms")?;

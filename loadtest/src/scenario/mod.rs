@@ -4,23 +4,36 @@
 //! over QUIC, the admin API) and returns a [`Report`] of figures.
 //!
 //! - [`replay`]: buffer N events for a sleeping agent, then time one SDK agent draining them.
-//! - [`latency`]: open-loop webhooks at a fixed rate to a connected agent; webhook -> agent
+//! - [`e2e`]: open-loop webhooks at a fixed rate to a connected agent; webhook -> agent
 //!   latency measured from the *scheduled* send time (no coordinated omission).
-//! - [`wake`]: the proxy-added wake overhead, read from the admin API's `last_wake` timings.
+//! - [`wake_storm`]: the proxy-added wake overhead, read from the admin API's `last_wake` timings.
 //! - [`ingest`]: signed webhooks at fixed concurrency; durable-ack rate and latency.
 //! - [`fleet`]: many agents with buffered events; latency of the dashboard's admin API.
 //! - [`hold`]: K idle agent QUIC sessions + K idle SMTP sessions; proxy RSS per connection.
+//!
+//! Per channel, against the platform fakes of this crate (shared plumbing in [`channel`]):
+//! - [`smtp`]: SMTP sessions delivering messages; accepted messages/s and latency, with a
+//!   private Postfix measured side by side when installed.
+//! - [`telegram`], [`slack`], [`discord`]: burst ingest rate, serial latency probe, and the
+//!   proxy's memory per idle long poll / Socket Mode socket / gateway.
+//! - [`whatsapp`]: signed Graph webhooks, several messages per POST; durable-ack rate and latency.
 
+pub mod channel;
+pub mod discord;
+pub mod e2e;
 pub mod fleet;
 pub mod hold;
 pub mod html;
 pub mod http;
 pub mod ingest;
-pub mod latency;
 pub mod peer;
 pub mod proxy;
 pub mod replay;
-pub mod wake;
+pub mod slack;
+pub mod smtp;
+pub mod telegram;
+pub mod wake_storm;
+pub mod whatsapp;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -159,6 +172,7 @@ impl Report {
             "parameters": self.parameters,
             "machine": { "cores": machine.cores, "model": machine.model },
             "figures": self.figures,
+            "notes": self.notes,
         })
     }
 

@@ -4,6 +4,9 @@
 //!   the cost of HTTP alone.
 //! - [`redis_xadd`]: `redis-benchmark -P 16` pipelined `XADD` of 1 KiB fields — the store's
 //!   ceiling on this machine; the stream key is deleted afterwards.
+//! - [`Postfix`]: a private Postfix instance (config dir and queue in a temp dir under
+//!   `/var/tmp`), smtpd on a loopback port, no DNS, mail discarded after queueing; its cleanup
+//!   fsyncs each queue file before smtpd answers 250 (the SMTP scenario's peer).
 //!
 //! A missing peer is reported with its Debian install command and skipped, never fatal.
 
@@ -16,6 +19,9 @@ use anyhow::Context as _;
 
 /// Install hints printed when a peer is missing.
 pub const NGINX_HINT: &str = "apt-get install nginx (or nginx-light)";
+/// Install hint for Postfix (the SMTP scenario's peer).
+pub const POSTFIX_HINT: &str =
+    "apt-get install postfix (Debian package; the run must be root to start a private instance)";
 /// Install hint for redis-benchmark.
 pub const REDIS_BENCHMARK_HINT: &str = "apt-get install redis-tools";
 
@@ -104,6 +110,110 @@ impl Drop for Nginx {
     }
 }
 
+/// A private Postfix instance accepting mail for `example.com` on `127.0.0.1:<port>` and
+/// discarding it after queueing; stopped (`postfix -c <dir> stop`) and removed on drop.
+pub struct Postfix {
+    bin: std::path::PathBuf,
+    etc: std::path::PathBuf,
+    /// Where its smtpd listens.
+    pub addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Postfix {
+    /// Starts it, or `Ok(Err(reason))` when Postfix is not installed or this is not root.
+    pub fn start() -> anyhow::Result<Result<Postfix, String>> {
+        let Some(bin) = find_tool("postfix") else { return Ok(Err("postfix is not installed".into())) };
+        let Ok(system_master) = std::fs::read_to_string("/etc/postfix/master.cf") else {
+            return Ok(Err("/etc/postfix/master.cf is missing".into()));
+        };
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Ok(Err("a private Postfix instance needs root".into()));
+        }
+        // Same disk as the system spool, as a real queue would be.
+        let dir = tempfile::Builder::new().prefix("concierge-postfix-").tempdir_in("/var/tmp").context("temp dir")?;
+        let (etc, spool, data) = (dir.path().join("etc"), dir.path().join("spool"), dir.path().join("data"));
+        for d in [&etc, &spool, &data] {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        let chown = Command::new("chown").arg("postfix").arg(&data).stdin(Stdio::null()).output();
+        anyhow::ensure!(chown.is_ok_and(|o| o.status.success()), "chown postfix {} failed", data.display());
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        std::fs::write(etc.join("master.cf"), postfix_master_cf(&system_master, port))?;
+        std::fs::write(etc.join("main.cf"), postfix_main_cf(dir.path()))?;
+        let start = Command::new(&bin).arg("-c").arg(&etc).arg("start").stdin(Stdio::null()).output()?;
+        let postfix = Postfix { bin, etc, addr, _dir: dir };
+        if !start.status.success() {
+            let log = std::fs::read_to_string(postfix._dir.path().join("maillog")).unwrap_or_default();
+            anyhow::bail!(
+                "postfix start failed: {}{}\n{log}",
+                String::from_utf8_lossy(&start.stdout),
+                String::from_utf8_lossy(&start.stderr)
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while std::net::TcpStream::connect(addr).is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "Postfix did not listen on {addr} within 15 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Ok(postfix))
+    }
+}
+
+impl Drop for Postfix {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.bin).arg("-c").arg(&self.etc).arg("stop").stdin(Stdio::null()).output();
+    }
+}
+
+/// The system's `master.cf` with smtpd moved to `127.0.0.1:<port>`, the other listeners
+/// (submission, smtps) dropped, and no chroot (the private queue is not set up for one).
+fn postfix_master_cf(system: &str, port: u16) -> String {
+    let mut out = String::new();
+    for line in system.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let service = line.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit());
+        if service && fields.get(1) == Some(&"inet") {
+            match fields[0] {
+                "smtp" => {
+                    out += &format!("127.0.0.1:{port} inet n - n - - smtpd\n");
+                    continue;
+                }
+                "submission" | "smtps" | "submissions" => continue,
+                _ => {}
+            }
+        }
+        if service && fields.len() >= 8 {
+            let mut f = fields.clone();
+            f[4] = "n";
+            out += &f.join(" ");
+        } else {
+            out += line;
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// `main.cf` of the private instance: loopback only, relay for `example.com` to `discard`,
+/// no DNS, no connection or rate limits.
+fn postfix_main_cf(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        "compatibility_level = 3.6\nqueue_directory = {d}/spool\ndata_directory = {d}/data\n\
+         maillog_file = {d}/maillog\nmaillog_file_prefixes = {d}\nmyhostname = mx-peer.example.net\n\
+         mydomain = example.net\nmyorigin = $myhostname\ninet_interfaces = loopback-only\ninet_protocols = ipv4\n\
+         mynetworks = 127.0.0.0/8\nmydestination =\nrelay_domains = example.com\nrelay_transport = discard\n\
+         default_transport = discard\nlocal_transport = discard\nlocal_recipient_maps =\nalias_maps =\n\
+         alias_database =\ndisable_dns_lookups = yes\nsmtp_host_lookup = native\nsmtpd_peername_lookup = no\n\
+         smtpd_client_connection_count_limit = 0\nsmtpd_client_connection_rate_limit = 0\n\
+         smtpd_client_message_rate_limit = 0\ndefault_process_limit = 300\nmessage_size_limit = 52428800\nbiff = no\n"
+    )
+}
+
 /// Host and port of a `redis://host:port[/db]` URL.
 pub fn redis_host_port(url: &str) -> (String, u16) {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
@@ -147,6 +257,18 @@ pub async fn redis_xadd(url: &str, n: u64, value_bytes: usize, key: &str) -> any
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn postfix_master_cf_moves_smtpd_to_loopback() {
+        let system = "# comment\nsmtp      inet  n       -       y       -       -       smtpd\n\
+                      submission inet n       -       y       -       -       smtpd\n\
+                      pickup    unix  n       -       y       60      1       pickup\n  -o x=y\n";
+        let out = postfix_master_cf(system, 2525);
+        assert!(out.contains("127.0.0.1:2525 inet n - n - - smtpd\n"), "{out}");
+        assert!(!out.contains("submission"), "{out}");
+        assert!(out.contains("pickup unix n - n 60 1 pickup\n"), "{out}");
+        assert!(out.contains("# comment\n") && out.contains("  -o x=y\n"), "{out}");
+    }
 
     #[test]
     fn parses_redis_urls() {

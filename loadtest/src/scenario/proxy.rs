@@ -1,6 +1,7 @@
 //! The proxy under test: a `concierge serve` child process with a generated configuration in a
 //! temporary directory, bound to loopback ports chosen by the kernel, plus helpers for the
-//! surfaces scenarios use (admin API) and the clean-up of the run's Redis keys.
+//! surfaces scenarios use (admin API, resident memory), the clean-up of the run's Redis keys,
+//! and a private `redis-server` ([`PrivateRedis`]) for runs that need their own fsync policy.
 
 use std::collections::VecDeque;
 use std::io::{BufRead as _, BufReader};
@@ -36,6 +37,7 @@ pub struct Proxy {
     log: Arc<Mutex<VecDeque<String>>>,
     store: StoreChoice,
     agents: Vec<String>,
+    cleanup: Vec<String>,
     admin_client: reqwest::Client,
     _dir: tempfile::TempDir,
 }
@@ -113,6 +115,7 @@ impl Proxy {
             log,
             store: store.clone(),
             agents,
+            cleanup: Vec::new(),
             admin_client: reqwest::Client::new(),
             _dir: dir,
         };
@@ -143,6 +146,24 @@ impl Proxy {
     /// The proxy's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Its resident set size in KiB (0 if unreadable).
+    pub fn rss_kib(&self) -> u64 {
+        rss_kib(self.child.id()).unwrap_or(0)
+    }
+
+    /// Also deletes the Redis keys matching `pattern` (a `SCAN MATCH` glob) in [`Proxy::stop`]:
+    /// channel state kept outside the agents' keys (`c:state:{discord:<bot>}`, ...).
+    pub fn cleanup_keys(&mut self, pattern: String) {
+        self.cleanup.push(pattern);
+    }
+
+    /// `GET /api/agents/<id>` -> its stored head offset (events stored so far).
+    pub async fn head(&self, id: &str) -> anyhow::Result<u64> {
+        let url = format!("http://{}/api/agents/{id}", self.admin);
+        let v: Value = self.admin_client.get(&url).send().await?.error_for_status()?.json().await?;
+        v["head"].as_u64().with_context(|| format!("no head in {v}"))
     }
 
     /// Errors if the proxy exited.
@@ -202,6 +223,9 @@ impl Proxy {
             for agent in std::mem::take(&mut self.agents) {
                 delete_agent_keys(url, &agent).await.with_context(|| format!("deleting the Redis keys of {agent}"))?;
             }
+            for pattern in std::mem::take(&mut self.cleanup) {
+                delete_matching(url, &pattern).await.with_context(|| format!("deleting the Redis keys {pattern}"))?;
+            }
         }
         Ok(())
     }
@@ -232,16 +256,20 @@ impl Drop for Proxy {
 
 /// Deletes every key of `agent` (the store hash-tags them `c:{agent}:...`).
 pub async fn delete_agent_keys(url: &str, agent: &str) -> anyhow::Result<u64> {
+    delete_matching(url, &format!("c:{{{agent}}}:*")).await
+}
+
+/// Deletes every key matching the `SCAN MATCH` glob `pattern`; returns how many.
+pub async fn delete_matching(url: &str, pattern: &str) -> anyhow::Result<u64> {
     let client = redis::Client::open(url)?;
     let mut conn = client.get_multiplexed_async_connection().await?;
-    let pattern = format!("c:{{{agent}}}:*");
     let mut cursor: u64 = 0;
     let mut deleted = 0;
     loop {
         let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
             .arg(cursor)
             .arg("MATCH")
-            .arg(&pattern)
+            .arg(pattern)
             .arg("COUNT")
             .arg(5000)
             .query_async(&mut conn)
@@ -268,6 +296,76 @@ pub fn agent_section(id: &str, token: &str, window: u32, max_pending: u64, wake:
 /// A webhook route section.
 pub fn route_section(route: &str, agent: &str, verify: &str, extra: &str) -> String {
     format!("[webhooks.{route}]\nagent = {}\nverify = \"{verify}\"\n{extra}\n\n", toml_str(agent))
+}
+
+/// `VmRSS` of `pid` in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok()
+}
+
+/// A free loopback TCP port (bound, then released: the caller binds it next).
+pub fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// A private `redis-server` on a free loopback port with its data in a temp dir, killed on
+/// drop: for runs that set their own durability (`appendonly yes` with an `appendfsync`
+/// policy, or no persistence at all) without touching a shared Redis.
+pub struct PrivateRedis {
+    child: Child,
+    /// Its loopback port.
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivateRedis {
+    /// Starts it with `appendfsync` = `fsync` (`always`, `everysec`, `no`), or without the AOF
+    /// when `fsync` is `None`, and waits (bounded) until it accepts connections.
+    pub fn start(fsync: Option<&str>) -> anyhow::Result<PrivateRedis> {
+        let dir = tempfile::Builder::new().prefix("concierge-redis-").tempdir().context("creating a temp dir")?;
+        let port = free_port()?;
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""]);
+        match fsync {
+            Some(policy) => cmd.args(["--appendonly", "yes", "--appendfsync", policy]),
+            None => cmd.args(["--appendonly", "no"]),
+        };
+        let mut child = cmd
+            .arg("--dir")
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting redis-server (Debian: apt-get install redis-server)")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = child.try_wait()? {
+                anyhow::bail!("redis-server exited ({status})");
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                anyhow::bail!("redis-server did not listen on 127.0.0.1:{port} within 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(PrivateRedis { child, port, _dir: dir })
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// User + system CPU time of process `pid` so far (from `/proc/<pid>/stat`), if readable.

@@ -1,8 +1,8 @@
-//! `wake`: the overhead the proxy adds to a wake. The agent is the built-in echo agent
-//! (`concierge agent echo`) started by the `exec` driver, with `sleep_after` short so it goes
-//! back to sleep quickly. Each round: POST one event while the agent sleeps, wait for the echo
-//! to reach a reply sink in this process, wait until the admin API says `asleep` again, then
-//! read the wake's timings from `last_wake`:
+//! `wake-storm` (`wake` is its old name, still accepted): the overhead the proxy adds to a
+//! wake. The agent is the built-in echo agent (`concierge agent echo`) started by the `exec`
+//! driver, with `sleep_after` short so it goes back to sleep quickly. Each round: POST one
+//! event while the agent sleeps, wait for the echo to reach a reply sink in this process, wait
+//! until the admin API says `asleep` again, then read the wake's timings from `last_wake`:
 //! - `driver_called_after_ms`: event received -> driver called (proxy overhead);
 //! - `first_delivery_after_ms - connected_after_ms`: agent Hello -> first event delivered
 //!   (proxy overhead);
@@ -44,7 +44,7 @@ const TARGET_HELLO_TO_DELIVERY_P50_MS: f64 = 5.0;
 
 /// Runs the scenario.
 pub async fn run(ctx: &Context, p: &Params) -> anyhow::Result<Report> {
-    let mut report = Report::new("wake", ctx);
+    let mut report = Report::new("wake-storm", ctx);
     report.param("wakes", p.wakes);
     report.param("sleep_after_ms", p.sleep_after.as_millis() as u64);
     report.param("body_bytes", p.body_bytes as u64);

@@ -1,9 +1,10 @@
-//! `latency` (warm path): one connected SDK agent; signed 1 KiB webhooks sent open-loop at a
-//! fixed rate. Every request has a scheduled send time computed from the start
-//! (`start + i / rate`); latencies are measured from that time, not from when the request
-//! actually left, so a stall of the proxy shows up in full instead of silently slowing the
-//! sender (coordinated omission). Events are matched to requests by a sequence number in the
-//! body. Reports webhook-sent -> agent-received and webhook-sent -> HTTP 202.
+//! `e2e` (warm-path latency; `latency` is its old name, still accepted): one connected SDK
+//! agent; signed 1 KiB webhooks sent open-loop at a fixed rate. Every request has a scheduled
+//! send time computed from the start (`start + i / rate`); latencies are measured from that
+//! time, not from when the request actually left, so a stall of the proxy shows up in full
+//! instead of silently slowing the sender (coordinated omission). Events are matched to
+//! requests by a sequence number in the body. Reports webhook-sent -> agent-received and
+//! webhook-sent -> HTTP 202.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,7 +19,7 @@ use super::http::Conn;
 use super::proxy::{CpuMeter, Proxy, agent_section, route_section, toml_str};
 use super::{Context, Report, bounded, histogram, random_hex, record};
 
-/// Parameters of the latency scenario.
+/// Parameters of the e2e scenario.
 #[derive(Clone, Debug)]
 pub struct Params {
     /// Webhooks per second.
@@ -63,7 +64,7 @@ struct Timings {
 
 /// Runs the scenario.
 pub async fn run(ctx: &Context, p: &Params) -> anyhow::Result<Report> {
-    let mut report = Report::new("latency", ctx);
+    let mut report = Report::new("e2e", ctx);
     report.param("rate_per_s", p.rate);
     report.param("duration_s", p.duration.as_secs_f64());
     report.param("body_bytes", p.body_bytes as u64);
@@ -81,7 +82,7 @@ pub async fn run(ctx: &Context, p: &Params) -> anyhow::Result<Report> {
             + &route_section("lat", &agent, "standard", &format!("secret = {}", toml_str(&secret)));
     let mut proxy = Proxy::start(&ctx.concierge, &ctx.store, &config, vec![agent.clone()])?;
     let result = measure(&mut proxy, &agent, &token, &secret, p, measured, &mut report).await;
-    let result = result.map_err(|e| e.context(format!("latency failed; proxy log tail:\n{}", proxy.log())));
+    let result = result.map_err(|e| e.context(format!("e2e failed; proxy log tail:\n{}", proxy.log())));
     proxy.stop().await?;
     result?;
     Ok(report)
@@ -149,7 +150,7 @@ async fn measure(
     let pool: Arc<Mutex<Vec<Conn>>> = Arc::default();
     let permits = Arc::new(Semaphore::new(p.connections.max(1)));
     let interval = Duration::from_secs_f64(1.0 / p.rate.max(1) as f64);
-    eprintln!("latency: {} warm-up + {measured} requests at {}/s ...", p.warmup, p.rate);
+    eprintln!("e2e: {} warm-up + {measured} requests at {}/s ...", p.warmup, p.rate);
     let cpu = CpuMeter::start(proxy).await;
     let start = Instant::now() + Duration::from_millis(20);
     // The schedule runs on a thread of its own: tokio's timer has 1 ms granularity, which would
