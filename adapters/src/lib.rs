@@ -7,6 +7,7 @@ use concierge_protocol::{EventData, SendRequest, SendResult};
 
 pub mod discord;
 mod http_util;
+pub mod pacing;
 pub mod signature;
 pub mod slack;
 pub mod smtp;
@@ -59,6 +60,12 @@ pub trait ConnectionReporter: Send + Sync + 'static {
     /// Connection `channel`/`name` is now in `state` (`polling`, `conflict`, `stopped`, ...);
     /// `error` says why when it is not healthy.
     fn state(&self, channel: &str, name: &str, state: &str, error: Option<&str>);
+
+    /// Connection `channel`/`name` reports a figure operators should see next to its state
+    /// (e.g. Discord's session starts left); `value` replaces the previous one under `key`.
+    fn detail(&self, channel: &str, name: &str, key: &str, value: u64) {
+        let _ = (channel, name, key, value);
+    }
 }
 
 /// Performs an agent's sends on one channel instance. Idempotency (promise 3) and binding

@@ -32,9 +32,16 @@
 //! **Sends.** A plain-text body is `chat.postMessage` to the conversation's channel with its
 //! `thread_ts`; a JSON object `{"method": "chat.postMessage" | "chat.update" |
 //! "reactions.add", ...arguments}` is sent as given, `channel` (and for `chat.postMessage`
-//! `thread_ts`) defaulting to the conversation's. A 429 waits `Retry-After` (at most 5 times,
-//! each at most 60 s): a 429 means nothing was sent. Slack's `error` codes become `SendResult`
-//! codes: `channel_not_found`, `not_in_channel`, `unauthorized` (bad token), `rate_limited`.
+//! `thread_ts`) defaulting to the conversation's. Sends are queued per channel
+//! ([`crate::pacing`]): calls to one channel leave in the order they came, `chat.postMessage`
+//! at least `chat_interval` apart (default 1 s: Slack allows about one message per second per
+//! channel), and every call of the app takes one of [`APP_RATE`] slots per second, so a burst
+//! is slowed, never dropped, and one busy channel does not hold up another. A 429 waits
+//! `Retry-After` (at most 5 times, each at most 60 s) inside the channel's turn, so it holds
+//! back that channel's later sends too; a 429 means nothing was sent. Beyond 10,000 queued
+//! sends per app new ones are refused with `queue_full` (retryable: nothing was sent). Slack's
+//! `error` codes become `SendResult` codes: `channel_not_found`, `not_in_channel`,
+//! `unauthorized` (bad token), `rate_limited`.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -62,6 +69,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::http_util;
+use crate::pacing::{self, Pacer, Turn};
 use crate::{ChannelSender, ConnectionReporter, EventSink};
 
 /// Slack's Web API base URL.
@@ -93,6 +101,21 @@ const MAX_RESPONSE: usize = 1024 * 1024;
 const MAX_RATE_RETRIES: u32 = 5;
 /// Longest `Retry-After` a send waits out itself.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+/// Most Web API calls per second of one app, every method and channel together. Slack
+/// publishes its limits per method, not per app: `chat.postMessage` about 1 per second per
+/// channel "while also maintaining a workspace-wide limit" whose number it does not publish,
+/// `chat.update` and `reactions.add` Tier 3 (50+ per minute, sporadic bursts welcome). Ten per
+/// second lets ten channels post at their documented 1/s at the same time (more than an agent's
+/// conversations need), while a runaway agent spraying many channels becomes a steady stream
+/// instead of a spike into that unpublished cap. Tier 3 bursts are not paced 1.2 s apart; if
+/// Slack objects, its 429 `Retry-After` is the authority and is waited out.
+pub const APP_RATE: u32 = 10;
+/// Default least time between two `chat.postMessage` calls to one channel (Slack: 1 per second).
+pub const DEFAULT_CHAT_INTERVAL: Duration = Duration::from_secs(1);
+/// Sends waiting in one app's queues before new ones are refused with `queue_full`.
+const MAX_QUEUED_SENDS: usize = 10_000;
+/// Per-channel pacing entries kept before idle ones are pruned.
+const MAX_CHANNEL_ENTRIES: usize = 4096;
 
 /// One Slack app's identity and credentials.
 #[derive(Clone)]
@@ -614,17 +637,81 @@ async fn form(shared: &Shared, app: &App, headers: &HeaderMap, body: &str) -> Re
 
 // ---- sends --------------------------------------------------------------------------------
 
-/// Performs an agent's sends through one Slack app's bot token.
+/// Pacing of one app's sends (see the module comment).
+#[derive(Clone, Copy, Debug)]
+pub struct Pacing {
+    /// Least time between two `chat.postMessage` calls to one channel (zero: order only).
+    pub chat_interval: Duration,
+    /// Most Web API calls per second for the whole app.
+    pub app_rate: u32,
+}
+
+impl Default for Pacing {
+    fn default() -> Self {
+        Pacing { chat_interval: DEFAULT_CHAT_INTERVAL, app_rate: APP_RATE }
+    }
+}
+
+/// Performs an agent's sends through one Slack app's bot token, queued and paced per channel.
 pub struct SlackSender {
     http: reqwest::Client,
     api_base: String,
     bot_token: String,
+    pacer: Pacer,
 }
 
 impl SlackSender {
     /// A sender for `app` sharing the proxy's HTTP client.
-    pub fn new(http: reqwest::Client, app: &App) -> Self {
-        SlackSender { http, api_base: app.api_base.clone(), bot_token: app.bot_token.clone() }
+    pub fn new(http: reqwest::Client, app: &App, pacing: Pacing) -> Self {
+        let limits = pacing::Limits {
+            key_interval: pacing.chat_interval,
+            call_interval: Some(pacing::per_second(pacing.app_rate)),
+            max_queued: MAX_QUEUED_SENDS,
+            max_keys: MAX_CHANNEL_ENTRIES,
+        };
+        SlackSender {
+            http,
+            api_base: app.api_base.clone(),
+            bot_token: app.bot_token.clone(),
+            pacer: Pacer::new(limits),
+        }
+    }
+
+    /// Calls `method` in its channel's turn, waiting out 429s inside the turn.
+    async fn call(&self, method: &str, args: &Map<String, Value>, turn: &Turn<'_>) -> SendResult {
+        let url = format!("{}/{method}", self.api_base);
+        for _ in 0..=MAX_RATE_RETRIES {
+            turn.call_slot().await;
+            let sent = self.http.post(&url).bearer_auth(&self.bot_token).json(args).timeout(CALL_TIMEOUT).send().await;
+            let resp = match sent {
+                Ok(r) => r,
+                Err(e) if e.is_connect() => {
+                    return err("unavailable", format!("Slack unreachable: {}", e.without_url()), true);
+                }
+                Err(e) => return err("unknown_outcome", format!("Slack call failed: {}", e.without_url()), false),
+            };
+            if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+                let wait = resp
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map_or(Duration::from_secs(1), Duration::from_secs);
+                if wait > MAX_RETRY_AFTER {
+                    return err("rate_limited", format!("Slack asks to wait {}s", wait.as_secs()), true);
+                }
+                tracing::debug!(method = %method, wait_s = wait.as_secs(), "slack 429; waiting");
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            let status = resp.status();
+            let body = match http_util::read_response(resp, MAX_RESPONSE).await {
+                Ok(b) => b,
+                Err(e) => return err("unknown_outcome", e, false),
+            };
+            return answer(status, &body);
+        }
+        err("rate_limited", format!("Slack kept answering 429 after {MAX_RATE_RETRIES} waits"), true)
     }
 }
 
@@ -675,38 +762,22 @@ impl ChannelSender for SlackSender {
             Ok(c) => c,
             Err(e) => return e,
         };
-        let url = format!("{}/{method}", self.api_base);
-        for _ in 0..=MAX_RATE_RETRIES {
-            let sent = self.http.post(&url).bearer_auth(&self.bot_token).json(&args).timeout(CALL_TIMEOUT).send().await;
-            let resp = match sent {
-                Ok(r) => r,
-                Err(e) if e.is_connect() => {
-                    return err("unavailable", format!("Slack unreachable: {}", e.without_url()), true);
-                }
-                Err(e) => return err("unknown_outcome", format!("Slack call failed: {}", e.without_url()), false),
-            };
-            if resp.status() == StatusCode::TOO_MANY_REQUESTS {
-                let wait = resp
-                    .headers()
-                    .get("retry-after")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map_or(Duration::from_secs(1), Duration::from_secs);
-                if wait > MAX_RETRY_AFTER {
-                    return err("rate_limited", format!("Slack asks to wait {}s", wait.as_secs()), true);
-                }
-                tracing::debug!(method = %method, wait_s = wait.as_secs(), "slack 429; waiting");
-                tokio::time::sleep(wait).await;
-                continue;
-            }
-            let status = resp.status();
-            let body = match http_util::read_response(resp, MAX_RESPONSE).await {
-                Ok(b) => b,
-                Err(e) => return err("unknown_outcome", e, false),
-            };
-            return answer(status, &body);
-        }
-        err("rate_limited", format!("Slack kept answering 429 after {MAX_RATE_RETRIES} waits"), true)
+        // One queue per channel; only messages are spaced, reactions and edits keep their place.
+        let channel = match args.get("channel") {
+            Some(Value::String(c)) => c.clone(),
+            Some(other) => other.to_string(),
+            None => String::new(),
+        };
+        let Ok(turn) = self.pacer.turn(&channel, method == "chat.postMessage").await else {
+            return err(
+                "queue_full",
+                format!("more than {MAX_QUEUED_SENDS} sends are queued for this Slack app; nothing sent"),
+                true,
+            );
+        };
+        let result = self.call(&method, &args, &turn).await;
+        turn.sent();
+        result
     }
 }
 

@@ -26,13 +26,13 @@
 //! [`SEND_METHODS`] (`sendMessage` with `reply_parameters`, `sendChatAction`,
 //! `editMessageText`, ...); `chat_id` and the forum `message_thread_id` default to the
 //! conversation. Sends are queued per chat (FIFO, at least `chat_interval` apart) and per bot
-//! (at most `bot_rate` calls per second), so a burst is slowed, never dropped; a `429` waits
-//! `parameters.retry_after` and tries again (a 429 means nothing was sent).
+//! (at most `bot_rate` calls per second) by the shared [`crate::pacing`], so a burst is slowed,
+//! never dropped; a `429` waits `parameters.retry_after` inside the chat's turn and tries again
+//! (a 429 means nothing was sent).
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -46,9 +46,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tokio::sync::watch;
-use tokio::time::Instant;
 
 use crate::http_util;
+use crate::pacing::{self, Pacer, Turn};
 use crate::{ChannelSender, ConnectionReporter, EventSink, SinkError};
 
 /// Telegram's API base URL.
@@ -101,7 +101,7 @@ const MAX_RATE_RETRIES: u32 = 5;
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 /// Sends waiting in one bot's queues before new ones are refused with `queue_full` (promise 5).
 const MAX_QUEUED_SENDS: usize = 10_000;
-/// Per-chat pacing entries kept before idle ones are pruned.
+/// Per-chat pacing entries kept before idle ones are pruned (see [`crate::pacing`]).
 const MAX_CHAT_ENTRIES: usize = 4096;
 
 /// One bot's identity: the config name, its agent, and where its API is.
@@ -642,76 +642,27 @@ impl Default for Pacing {
 pub struct TelegramSender {
     http: reqwest::Client,
     bot: Bot,
-    pacing: Pacing,
-    /// The earliest instant the next call of this bot may start.
-    bot_next: Mutex<Instant>,
-    /// Per chat: a FIFO lock holding the instant of the chat's last message.
-    chats: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Instant>>>>>,
-    queued: AtomicUsize,
-}
-
-/// Decrements the queue count when a send leaves, however it leaves.
-struct Queued<'a>(&'a AtomicUsize);
-
-impl Drop for Queued<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
+    /// Per chat: FIFO turns `chat_interval` apart; per bot: calls `1 / bot_rate` apart.
+    pacer: Pacer,
 }
 
 impl TelegramSender {
     /// A sender for `bot`; `http` should not follow redirects.
     pub fn new(http: reqwest::Client, bot: Bot, pacing: Pacing) -> Self {
-        TelegramSender {
-            http,
-            bot,
-            pacing,
-            bot_next: Mutex::new(Instant::now()),
-            chats: Mutex::default(),
-            queued: AtomicUsize::new(0),
-        }
-    }
-
-    fn chat_lock(&self, chat: &str) -> Arc<tokio::sync::Mutex<Option<Instant>>> {
-        let Ok(mut chats) = self.chats.lock() else {
-            return Arc::default();
+        let limits = pacing::Limits {
+            key_interval: pacing.chat_interval,
+            call_interval: Some(pacing::per_second(pacing.bot_rate)),
+            max_queued: MAX_QUEUED_SENDS,
+            max_keys: MAX_CHAT_ENTRIES,
         };
-        if chats.len() >= MAX_CHAT_ENTRIES {
-            let interval = self.pacing.chat_interval;
-            chats.retain(|_, l| {
-                Arc::strong_count(l) > 1
-                    || l.try_lock().map_or(true, |last| last.is_some_and(|t| t.elapsed() < interval))
-            });
-        }
-        chats.entry(chat.to_string()).or_default().clone()
+        TelegramSender { http, bot, pacer: Pacer::new(limits) }
     }
 
-    /// Waits for this bot's next call slot (`1 / bot_rate` apart).
-    async fn bot_slot(&self) {
-        let interval = Duration::from_secs(1) / self.pacing.bot_rate.max(1);
-        let at = match self.bot_next.lock() {
-            Ok(mut next) => {
-                let at = (*next).max(Instant::now());
-                *next = at + interval;
-                at
-            }
-            Err(_) => Instant::now(),
-        };
-        tokio::time::sleep_until(at).await;
-    }
-
-    async fn send_paced(&self, call: &Call) -> Result<Vec<String>, ApiError> {
-        let chat = self.chat_lock(&call.chat_key);
-        // tokio's Mutex is fair: sends to one chat leave in the order they arrived.
-        let mut last = chat.lock().await;
-        if call.paced
-            && let Some(t) = *last
-        {
-            tokio::time::sleep_until(t + self.pacing.chat_interval).await;
-        }
+    /// Calls `call` in its chat's turn, waiting out 429s inside the turn.
+    async fn send_paced(&self, call: &Call, turn: Turn<'_>) -> Result<Vec<String>, ApiError> {
         let mut attempt = 0;
         loop {
-            self.bot_slot().await;
+            turn.call_slot().await;
             let r = call_method(&self.http, &self.bot, &call.method, &call.params).await;
             if let Err(ApiError::Api { code: 429, retry_after, .. }) = &r {
                 let wait = Duration::from_secs(retry_after.unwrap_or(1).max(1));
@@ -722,9 +673,7 @@ impl TelegramSender {
                     continue;
                 }
             }
-            if call.paced {
-                *last = Some(Instant::now());
-            }
+            turn.sent();
             return r;
         }
     }
@@ -859,16 +808,16 @@ impl ChannelSender for TelegramSender {
             Ok(c) => c,
             Err(e) => return e,
         };
-        if self.queued.fetch_add(1, Ordering::SeqCst) >= MAX_QUEUED_SENDS {
-            self.queued.fetch_sub(1, Ordering::SeqCst);
+        // Chat actions (`paced: false`) keep their place in the chat's queue but neither wait
+        // for nor count toward `chat_interval`.
+        let Ok(turn) = self.pacer.turn(&call.chat_key, call.paced).await else {
             return SendResult::err(
                 "queue_full",
                 format!("more than {MAX_QUEUED_SENDS} sends are queued for this bot; nothing sent"),
                 true,
             );
-        }
-        let _queued = Queued(&self.queued);
-        match self.send_paced(&call).await {
+        };
+        match self.send_paced(&call, turn).await {
             Ok(platform_ids) => SendResult::Ok { platform_ids },
             Err(e) => {
                 tracing::debug!(bot = %self.bot.name, error = %e, "telegram send failed");

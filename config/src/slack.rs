@@ -2,6 +2,7 @@
 //! validation. Declared as a child of `validate` so it shares that module's error collection.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use figment::value::Value;
 use serde::Deserialize;
@@ -12,6 +13,9 @@ use crate::raw::Text;
 
 /// Slack's Web API base URL, used when `api_base` is not set.
 pub const DEFAULT_API_BASE: &str = "https://slack.com/api";
+
+/// Longest `chat_interval` accepted.
+const MAX_CHAT_INTERVAL: Duration = Duration::from_secs(60);
 
 /// How a Slack app receives events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,6 +44,9 @@ pub struct SlackConfig {
     pub mode: SlackMode,
     /// Web API base URL (configurable so tests can point at a fake).
     pub api_base: String,
+    /// Least time between two `chat.postMessage` calls to one channel (Slack: about one per
+    /// second per channel); zero keeps only the per-channel order. Same key as Telegram's.
+    pub chat_interval: Duration,
 }
 
 #[derive(Deserialize, Default)]
@@ -57,6 +64,7 @@ pub(crate) struct RawSlack {
     pub signing_secret_file: Option<Text>,
     pub mode: Option<Text>,
     pub api_base: Option<Text>,
+    pub chat_interval: Option<Text>,
 }
 
 impl Ctx<'_> {
@@ -142,6 +150,25 @@ impl Ctx<'_> {
             None => DEFAULT_API_BASE.to_string(),
             Some(t) => self.http_url(&k("api_base"), t).trim_end_matches('/').to_string(),
         };
-        SlackConfig { name: name.to_string(), agent, app_token, bot_token, signing_secret, mode, api_base }
+        // Zero is allowed (as for Telegram): sends to one channel still leave in order, the
+        // app-wide rate still applies and Slack's 429s are still waited out.
+        let chat_interval =
+            self.duration(&k("chat_interval"), raw.chat_interval.as_ref(), Duration::from_secs(1), true);
+        if chat_interval > MAX_CHAT_INTERVAL {
+            self.err(
+                &k("chat_interval"),
+                "must be at most 1m (Slack's pace is about one message per second per channel; a longer wait only stalls the agent's sends)",
+            );
+        }
+        SlackConfig {
+            name: name.to_string(),
+            agent,
+            app_token,
+            bot_token,
+            signing_secret,
+            mode,
+            api_base,
+            chat_interval: chat_interval.min(MAX_CHAT_INTERVAL),
+        }
     }
 }

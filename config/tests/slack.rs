@@ -1,4 +1,6 @@
-//! `[slack.<name>]`: defaults, mode-dependent requirements, token shapes and secrecy.
+//! `[slack.<name>]`: defaults, mode-dependent requirements, token shapes, secrecy and send pacing.
+
+use std::time::Duration;
 
 use concierge_config::{SlackMode, load_str};
 
@@ -36,4 +38,29 @@ fn missing_and_malformed_credentials_are_named() {
     assert_line(&e, &["slack.b.bot_token: not a Slack bot_token"]);
     assert_line(&e, &["slack.d.app_token: the same app token is already configured for slack.c"]);
     assert!(!e.to_string().contains("xoxp-user"), "a token was echoed:\n{e}");
+}
+
+#[test]
+fn chat_interval_defaults_parses_and_is_bounded() {
+    let app = |name: &str, n: u32, extra: &str| {
+        format!("[slack.{name}]\nagent = \"echo\"\napp_token = \"xapp-1-A{n}\"\nbot_token = \"xoxb-{n}\"\n{extra}\n")
+    };
+    let c = ok(&format!(
+        "{AGENT}{}{}{}",
+        app("plain", 1, ""),
+        app("fast", 2, "chat_interval = \"200ms\""),
+        app("off", 3, "chat_interval = \"0s\"")
+    ));
+    assert_eq!(c.slack["plain"].chat_interval, Duration::from_secs(1), "Slack's 1 message/s per channel");
+    assert_eq!(c.slack["fast"].chat_interval, Duration::from_millis(200));
+    assert_eq!(c.slack["off"].chat_interval, Duration::ZERO, "zero keeps only the order");
+
+    let e = errs(&format!(
+        "{AGENT}{}{}",
+        app("typo", 1, "chat_interval = \"1 sec please\""),
+        app("slow", 2, "chat_interval = \"2m\"")
+    ));
+    assert_line(&e, &["test.toml: slack.typo.chat_interval: invalid duration \"1 sec please\""]);
+    assert_line(&e, &["test.toml: slack.slow.chat_interval: must be at most 1m"]);
+    assert_eq!(e.0.len(), 2, "{e}");
 }

@@ -25,7 +25,8 @@
 //!   xoxb-...`: recorded in [`FakeSlack::calls`]; channels registered with
 //!   [`FakeSlack::forbid_channel`] answer `channel_not_found` / `not_in_channel`. With
 //!   [`Options::rate`] set, calls beyond it get HTTP 429 with `Retry-After` and are not
-//!   recorded (nothing was posted).
+//!   recorded as calls (nothing was posted), only in [`FakeSlack::throttled`] with their
+//!   arrival instant, so tests can check what a client did after a 429.
 
 #![warn(missing_docs)]
 
@@ -90,7 +91,7 @@ pub struct Call {
     pub method: String,
     /// Arguments as posted.
     pub args: Map<String, Value>,
-    /// When the fake accepted it.
+    /// When the fake accepted it (for [`FakeSlack::throttled`]: when it answered 429).
     pub at: Instant,
 }
 
@@ -117,6 +118,8 @@ struct State_ {
     /// Envelopes given up after `max_attempts`.
     abandoned: Vec<String>,
     calls: Vec<Call>,
+    /// Calls answered 429, with their arguments and arrival instant.
+    throttled: Vec<Call>,
     rate_window: Vec<Instant>,
     rate_limited: u64,
     forbidden: HashMap<String, &'static str>,
@@ -261,6 +264,11 @@ impl FakeSlack {
     /// Web API calls answered 429.
     pub fn rate_limited(&self) -> u64 {
         self.state().rate_limited
+    }
+
+    /// The Web API calls answered 429 (nothing posted), in arrival order; `at` is the arrival.
+    pub fn throttled(&self) -> Vec<Call> {
+        self.state().throttled.clone()
     }
 
     /// Delivers one `event_callback` over the Events API to `url`, signed with `secret`;
@@ -460,6 +468,8 @@ async fn web_api(
         s.rate_window.retain(|t| now.duration_since(*t) < rate.window);
         if s.rate_window.len() >= rate.calls as usize {
             s.rate_limited += 1;
+            let args = serde_json::from_slice::<Map<String, Value>>(&body).unwrap_or_default();
+            s.throttled.push(Call { method: method.clone(), args, at: now });
             return (StatusCode::TOO_MANY_REQUESTS, [("retry-after", rate.retry_after.to_string())]).into_response();
         }
         s.rate_window.push(now);

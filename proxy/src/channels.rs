@@ -36,7 +36,8 @@ pub fn senders(config: &Config, http: &reqwest::Client) -> Bindings {
     }
     chat_senders(config, http, &mut bindings);
     for (name, app) in &config.slack {
-        let sender = concierge_adapters::slack::SlackSender::new(http.clone(), &slack_app(name, app));
+        let pacing = concierge_adapters::slack::Pacing { chat_interval: app.chat_interval, ..Default::default() };
+        let sender = concierge_adapters::slack::SlackSender::new(http.clone(), &slack_app(name, app), pacing);
         bindings.insert((app.agent.clone(), ChannelRef::new("slack", name.clone())), Arc::new(sender));
     }
     bindings

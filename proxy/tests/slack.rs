@@ -6,10 +6,11 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
-use concierge_loadtest::slack::{FakeSlack, Options, Rate, post_signed, signature};
+use concierge_loadtest::slack::{Call, FakeSlack, Options, Rate, post_signed, signature};
+use concierge_protocol::client::AgentClient;
 use concierge_protocol::{ChannelRef, SendRequest, SendResult};
 use serde_json::{Value, json};
 
@@ -246,7 +247,65 @@ fn send(key: &str, conversation: &str, body: &str) -> SendRequest {
     }
 }
 
-/// Replies land in their thread, 429s are waited out, a retried idempotency key sends nothing
+/// Sends `bodies` (conversation, text) concurrently, each started `stagger` after the previous
+/// so the proxy receives them in this order; returns the results in the same order.
+async fn burst(agent: &AgentClient, key: &str, bodies: &[(&str, String)], stagger: Duration) -> Vec<SendResult> {
+    let sends = bodies.iter().enumerate().map(|(i, (conversation, text))| async move {
+        tokio::time::sleep(stagger * i as u32).await;
+        agent.send(send(&format!("{key}{i}"), conversation, text)).await.expect("send answered")
+    });
+    futures::future::join_all(sends).await
+}
+
+/// Texts and arrival instants of the fake's accepted calls to `channel`, in arrival order.
+fn arrivals(calls: &[Call], channel: &str) -> Vec<(String, Instant)> {
+    calls
+        .iter()
+        .filter(|c| c.args["channel"] == channel)
+        .map(|c| (c.args["text"].as_str().unwrap_or_default().to_string(), c.at))
+        .collect()
+}
+
+/// A burst into two channels with `chat_interval = "200ms"`: each channel's messages reach
+/// Slack in the order the agent sent them and at least 200 ms apart, while the two channels
+/// are paced independently (interleaved, not one queue).
+#[tokio::test(flavor = "multi_thread")]
+async fn sends_are_paced_per_channel_and_channels_interleave() {
+    let fake = fake(Options::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!("{}{}", self_connecting_agent("a"), app_section(&fake.api_base, "chat_interval = \"200ms\""));
+    let config = write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &body);
+    let proxy = Proxy::start(&config);
+    let agent = proxy.connect("a").await;
+
+    let order = ["a0", "b0", "a1", "b1", "a2", "b2", "a3", "a4", "a5"];
+    let bodies: Vec<(&str, String)> =
+        order.iter().map(|t| (if t.starts_with('a') { "C0AAA:1.1" } else { "C0BBB" }, t.to_string())).collect();
+    let results = burst(&agent, "p", &bodies, Duration::from_millis(25)).await;
+    assert!(results.iter().all(|r| matches!(r, SendResult::Ok { .. })), "{results:?}");
+
+    let calls = fake.calls();
+    assert_eq!(calls.len(), order.len(), "{calls:?}");
+    let a = arrivals(&calls, "C0AAA");
+    let b = arrivals(&calls, "C0BBB");
+    let texts = |v: &[(String, Instant)]| v.iter().map(|(t, _)| t.clone()).collect::<Vec<_>>();
+    assert_eq!(texts(&a), ["a0", "a1", "a2", "a3", "a4", "a5"], "channel A out of order");
+    assert_eq!(texts(&b), ["b0", "b1", "b2"], "channel B out of order");
+    for (name, seq) in [("A", &a), ("B", &b)] {
+        for w in seq.windows(2) {
+            let gap = w[1].1 - w[0].1;
+            assert!(gap >= Duration::from_millis(190), "channel {name}: {} only {gap:?} after {}", w[1].0, w[0].0);
+        }
+    }
+    // One shared queue would need 8 gaps of 200 ms (1.6 s); per channel, A's 5 gaps set the pace.
+    let first = calls.iter().map(|c| c.at).min().unwrap();
+    let last = calls.iter().map(|c| c.at).max().unwrap();
+    assert!(last - first < Duration::from_millis(1400), "channels were serialized: {:?}", last - first);
+    assert!(b.last().unwrap().1 < a.last().unwrap().1, "channel B waited behind channel A");
+}
+
+/// Replies land in their thread; a 429 is waited out inside the channel's turn, so the sends
+/// queued behind it wait too and the order holds; a retried idempotency key sends nothing
 /// again, and Slack's errors come back as clear codes.
 #[tokio::test(flavor = "multi_thread")]
 async fn sends_thread_wait_out_429_and_are_not_duplicated() {
@@ -255,29 +314,38 @@ async fn sends_thread_wait_out_429_and_are_not_duplicated() {
     fake.forbid_channel("C0GONE", "channel_not_found");
     fake.forbid_channel("C0OUT", "not_in_channel");
     let dir = tempfile::tempdir().unwrap();
-    let body = format!("{}{}", self_connecting_agent("a"), app_section(&fake.api_base, ""));
+    // No per-channel spacing: only the app-wide rate (10/s) paces, so the fake's 4/s limit bites.
+    let body = format!("{}{}", self_connecting_agent("a"), app_section(&fake.api_base, "chat_interval = \"0s\""));
     let config = write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &body);
     let proxy = Proxy::start(&config);
     let agent = proxy.connect("a").await;
 
     const N: usize = 10;
-    let mut results = Vec::new();
-    for i in 0..N {
-        results
-            .push(agent.send(send(&format!("r{i}"), "C0CHAN:1700000000.000100", &format!("reply {i}"))).await.unwrap());
-    }
+    let bodies: Vec<(&str, String)> = (0..N).map(|i| ("C0CHAN:1700000000.000100", format!("reply {i}"))).collect();
+    let results = burst(&agent, "r", &bodies, Duration::from_millis(20)).await;
     assert!(
         results.iter().all(|r| matches!(r, SendResult::Ok { platform_ids } if platform_ids.len() == 1)),
         "{results:?}"
     );
-    assert!(fake.rate_limited() > 0, "the fake's 429 was exercised");
+    let throttled = fake.throttled();
+    assert!(!throttled.is_empty(), "the fake's 429 was exercised");
     let calls = fake.calls();
     assert_eq!(calls.len(), N);
     for (i, c) in calls.iter().enumerate() {
         assert_eq!(c.method, "chat.postMessage");
         assert_eq!(c.args["channel"], "C0CHAN");
         assert_eq!(c.args["thread_ts"], "1700000000.000100", "reply {i} not in its thread");
-        assert_eq!(c.args["text"], format!("reply {i}"));
+        assert_eq!(c.args["text"], format!("reply {i}"), "order lost around a 429");
+    }
+    // Retry-After: 1 holds the whole channel: nothing reaches Slack for it within the second.
+    for t in &throttled {
+        let early: Vec<_> = calls
+            .iter()
+            .chain(throttled.iter())
+            .filter(|c| c.at > t.at && c.at - t.at < Duration::from_millis(950))
+            .map(|c| c.args["text"].clone())
+            .collect();
+        assert!(early.is_empty(), "{early:?} sent during the Retry-After of {}", t.args["text"]);
     }
     for i in [0, 5, 9] {
         let again =
