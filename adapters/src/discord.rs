@@ -1,17 +1,31 @@
 //! Discord: one gateway session per bot (inbound) and REST sends (outbound).
 //!
 //! The gateway client is our own thin one on tokio-tungstenite rather than twilight-gateway:
-//! twilight is not in this build's dependency set (adding its tree costs minutes of compile on
-//! the build machines), and what promise 1 needs is small and must be exact — read one frame,
-//! store it, and only then read the next; persist `session_id`, `resume_gateway_url` and the
-//! last *stored* sequence in the store so a restarted proxy Resumes; point both the gateway
-//! and REST base at a local fake; and set WebSocket buffers explicitly (4 KiB instead of
-//! tungstenite's 128 KiB default), which is what keeps an idle gateway around 10 KB.
+//! what promise 1 needs is small and must be exact — read one frame, store it, and only then
+//! read the next; persist `session_id`, `resume_gateway_url` and the last *stored* sequence in
+//! the store so a restarted proxy Resumes; point both the gateway and REST base at a local
+//! fake; and set WebSocket buffers explicitly (4 KiB instead of tungstenite's 128 KiB default),
+//! which is what keeps an idle gateway around 10 KB.
 //!
 //! The persisted sequence may lag behind what was stored (it is written after the event): a
 //! Resume from an older sequence makes Discord replay a few dispatches, which the dedupe key
 //! drops. It never runs ahead of what was stored, so nothing Discord sent is lost.
-
+//!
+//! Identify limits: before every Identify (not before a Resume) the task reads
+//! `GET /gateway/bot`'s `session_start_limit` and reports `total`, `remaining` (less the
+//! Identify that follows), the reset time and `max_concurrency` as connection details for the
+//! operator API. With nothing remaining it opens no socket, reports `identify_budget_exhausted`
+//! with the reset time, and checks again once the budget has reset. Each bot runs one shard
+//! (shard 0), so `max_concurrency` (how many shards may Identify per 5 s) never lets it go
+//! faster: one Identify per 5 s per bot, which is within every bucket size.
+//!
+//! Sends go over reqwest with our own bucket tracker (module `ratelimit`) rather than
+//! twilight-http: twilight-http 0.16 can target a fake (`ClientBuilder::proxy(host, true)`,
+//! fixed `/api/v10` path) and builds on rustls+ring without aws-lc or native-tls, but its
+//! in-memory ratelimiter keys buckets by route path only (it ignores `X-RateLimit-Bucket`, so
+//! routes sharing a bucket are counted apart), does not retry a 429, and it would add
+//! twilight-model, twilight-validate and twilight-http to the adapters' build (~290 s of
+//! compile units on a loaded 2-core machine; twilight-http alone 134 s, twilight-model 88 s).
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,6 +44,8 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::{ChannelSender, ConnectionReporter, EventSink, http_util};
+
+mod ratelimit;
 
 /// WebSocket read/write buffer per gateway (see the module comment).
 const WS_BUFFER: usize = 4096;
@@ -118,7 +134,17 @@ pub fn spawn_gateway(
     shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut g = Gateway { http, bot, sink, reporter, shutdown, state: None, persisted: 0, last_identify: None };
+        let mut g = Gateway {
+            http,
+            bot,
+            sink,
+            reporter,
+            shutdown,
+            state: None,
+            persisted: 0,
+            last_identify: None,
+            budget: None,
+        };
         g.run().await;
     })
 }
@@ -145,6 +171,19 @@ struct Gateway {
     persisted: u64,
     /// When this bot last sent Identify (Discord: max_concurrency identifies per 5 s; one shard).
     last_identify: Option<Instant>,
+    /// `session_start_limit` from the last `GET /gateway/bot` (less the Identify sent since).
+    budget: Option<SessionBudget>,
+}
+
+/// Discord's daily session-start budget (`GET /gateway/bot` -> `session_start_limit`).
+#[derive(Clone, Copy, Debug)]
+struct SessionBudget {
+    total: u64,
+    remaining: u64,
+    /// Unix ms when `remaining` refills to `total`.
+    reset_at_ms: u64,
+    /// Identify buckets (shard_id % max_concurrency); one shard per bot uses one.
+    max_concurrency: u64,
 }
 
 #[derive(Deserialize)]
@@ -247,12 +286,17 @@ impl Gateway {
     }
 
     async fn connection(&mut self) -> End {
-        // Identify pacing is waited out before connecting, not on an open socket.
-        if self.state.is_none()
-            && let Some(wait) = self.last_identify.and_then(|t| IDENTIFY_INTERVAL.checked_sub(t.elapsed()))
-            && self.sleep(wait).await
-        {
-            return End::Shutdown;
+        // Identify pacing and the daily budget are waited out before connecting, not on an
+        // open socket (which would have to heartbeat meanwhile).
+        if self.state.is_none() {
+            if let Some(wait) = self.last_identify.and_then(|t| IDENTIFY_INTERVAL.checked_sub(t.elapsed()))
+                && self.sleep(wait).await
+            {
+                return End::Shutdown;
+            }
+            if let Some(end) = Box::pin(self.identify_budget()).await {
+                return end;
+            }
         }
         let base = self.state.as_ref().map_or(self.bot.gateway_url.clone(), |s| s.resume_gateway_url.clone());
         let url = format!("{}/?v=10&encoding=json", base.trim_end_matches('/'));
@@ -278,9 +322,6 @@ impl Gateway {
                 serde_json::json!({"op": 6, "d": {"token": self.bot.token, "session_id": s.session_id, "seq": s.seq}})
             }
             None => {
-                if let Some(end) = Box::pin(self.identify_budget()).await {
-                    return end;
-                }
                 self.last_identify = Some(Instant::now());
                 serde_json::json!({"op": 2, "d": {
                     "token": self.bot.token,
@@ -292,6 +333,13 @@ impl Gateway {
         if let Err(e) = ws.send(Message::text(hello.to_string())).await {
             return End::Reconnect(format!("sending Identify/Resume: {e}"));
         }
+        if self.state.is_none()
+            && let Some(b) = &mut self.budget
+        {
+            // Discord counts the Identify when it arrives; show it until the next check.
+            b.remaining = b.remaining.saturating_sub(1);
+            self.report_budget();
+        }
         let end = self.pump(&mut ws, interval).await;
         // A close code other than 1000/1001 keeps the session resumable.
         let frame = CloseFrame { code: CloseCode::Library(4000), reason: "reconnecting".into() };
@@ -299,36 +347,69 @@ impl Gateway {
         end
     }
 
-    /// GET /gateway/bot: waits out an exhausted daily session-start budget before Identify.
+    /// GET /gateway/bot before Identify: reports the daily session-start budget and, when it
+    /// is spent, waits (no socket open) until its reset and checks again. An unanswered check
+    /// lets the Identify go: Discord enforces the budget itself.
     async fn identify_budget(&mut self) -> Option<End> {
-        let resp = self
-            .http
-            .get(format!("{}/gateway/bot", self.bot.api_base))
-            .header("Authorization", format!("Bot {}", self.bot.token))
-            // Once per Identify: an idle pooled connection per bot would outweigh the gateway.
-            .header("Connection", "close")
-            .timeout(CALL_TIMEOUT)
-            .send()
-            .await;
-        let Ok(resp) = resp else { return None };
-        if resp.status() == reqwest::StatusCode::UNAUTHORIZED {
-            return Some(End::Fatal("GET /gateway/bot: 401 Unauthorized (bad bot token)".into()));
-        }
-        let body = http_util::read_response(resp, MAX_RESPONSE).await.ok()?;
-        let v: Value = serde_json::from_slice(&body).ok()?;
-        let limit = v.get("session_start_limit")?;
-        let remaining = limit.get("remaining").and_then(Value::as_u64)?;
-        let total = limit.get("total").and_then(Value::as_u64).unwrap_or(0);
-        tracing::info!(bot = %self.bot.name, remaining, total, "Discord session starts left today");
-        if remaining == 0 {
-            let reset = limit.get("reset_after").and_then(Value::as_u64).unwrap_or(60_000);
-            let msg = format!("daily identify budget exhausted ({total}); resets in {} s", reset / 1000);
+        loop {
+            let resp = self
+                .http
+                .get(format!("{}/gateway/bot", self.bot.api_base))
+                .header("Authorization", format!("Bot {}", self.bot.token))
+                // Once per Identify: an idle pooled connection per bot would outweigh the gateway.
+                .header("Connection", "close")
+                .timeout(CALL_TIMEOUT)
+                .send()
+                .await;
+            let Ok(resp) = resp else { return None };
+            if resp.status() == reqwest::StatusCode::UNAUTHORIZED {
+                return Some(End::Fatal("GET /gateway/bot: 401 Unauthorized (bad bot token)".into()));
+            }
+            let body = http_util::read_response(resp, MAX_RESPONSE).await.ok()?;
+            let v: Value = serde_json::from_slice(&body).ok()?;
+            let limit = v.get("session_start_limit")?;
+            let num = |k: &str| limit.get(k).and_then(Value::as_u64);
+            let remaining = num("remaining")?;
+            let reset_after = num("reset_after").unwrap_or(60_000).min(86_400_000);
+            let budget = SessionBudget {
+                total: num("total").unwrap_or(0),
+                remaining,
+                reset_at_ms: concierge_protocol::now_ms().saturating_add(reset_after),
+                max_concurrency: num("max_concurrency").unwrap_or(1),
+            };
+            tracing::info!(bot = %self.bot.name, remaining, total = budget.total, "Discord session starts left today");
+            self.budget = Some(budget);
+            self.report_budget();
+            if remaining > 0 {
+                return None;
+            }
+            let at = std::time::UNIX_EPOCH + Duration::from_millis(budget.reset_at_ms);
+            let msg = format!(
+                "daily session-start budget exhausted ({} per day): not identifying until it resets at {} (in {} s)",
+                budget.total,
+                humantime::format_rfc3339_seconds(at),
+                reset_after / 1000
+            );
+            tracing::warn!(bot = %self.bot.name, "{msg}");
             self.report("identify_budget_exhausted", Some(&msg));
-            if self.sleep(Duration::from_millis(reset.min(86_400_000))).await {
+            if self.sleep(Duration::from_millis(reset_after.max(1000))).await {
                 return Some(End::Shutdown);
             }
         }
-        None
+    }
+
+    /// Publishes the last known session-start budget on the operator API.
+    fn report_budget(&self) {
+        let Some(b) = self.budget else { return };
+        let name = &self.bot.name;
+        for (key, value) in [
+            ("identify_total", b.total),
+            ("identify_remaining", b.remaining),
+            ("identify_reset_at_ms", b.reset_at_ms),
+            ("identify_max_concurrency", b.max_concurrency),
+        ] {
+            self.reporter.detail("discord", name, key, value);
+        }
     }
 
     /// Reads frames one at a time; a dispatch is stored before the next frame is read.
@@ -560,16 +641,18 @@ impl Heartbeat {
 // ---------------------------------------------------------------------------------------
 // Sends
 
-/// Sends for one bot over REST: create (with reply reference), edit, react; 429s waited out.
+/// Sends for one bot over REST: create (with reply reference), edit, react; Discord's rate
+/// limit buckets are tracked per bot (see [`ratelimit`]) so sends wait instead of hitting 429s.
 pub struct DiscordSender {
     http: reqwest::Client,
     bot: Bot,
+    limits: ratelimit::Limiter,
 }
 
 impl DiscordSender {
     /// A sender for `bot`, sharing the proxy's HTTP client.
     pub fn new(http: reqwest::Client, bot: Bot) -> Self {
-        Self { http, bot }
+        Self { http, bot, limits: ratelimit::Limiter::default() }
     }
 }
 
@@ -611,7 +694,7 @@ impl ChannelSender for DiscordSender {
         let Ok(mut url) = reqwest::Url::parse(&self.bot.api_base) else {
             return SendResult::err("bad_config", "api_base is not a URL", false);
         };
-        let (method, json) = {
+        let (method, template, json) = {
             let Ok(mut seg) = url.path_segments_mut() else {
                 return SendResult::err("bad_config", "api_base cannot take a path", false);
             };
@@ -621,10 +704,11 @@ impl ChannelSender for DiscordSender {
                     return SendResult::err("bad_body", "react_message_id needs emoji", false);
                 };
                 seg.extend([mid.as_str(), "reactions", emoji.as_str(), "@me"]);
-                (reqwest::Method::PUT, None)
+                (reqwest::Method::PUT, "/channels/{channel_id}/messages/{message_id}/reactions/{emoji}/@me", None)
             } else if let Some(mid) = &s.edit_message_id {
                 seg.push(mid);
-                (reqwest::Method::PATCH, Some(serde_json::json!({ "content": s.content })))
+                let json = serde_json::json!({ "content": s.content });
+                (reqwest::Method::PATCH, "/channels/{channel_id}/messages/{message_id}", Some(json))
             } else {
                 let Some(content) = &s.content else {
                     return SendResult::err("bad_body", "nothing to send: no content", false);
@@ -633,16 +717,32 @@ impl ChannelSender for DiscordSender {
                 if let Some(r) = &s.reply_to_message_id {
                     j["message_reference"] = serde_json::json!({ "message_id": r, "fail_if_not_exists": false });
                 }
-                (reqwest::Method::POST, Some(j))
+                (reqwest::Method::POST, "/channels/{channel_id}/messages", Some(j))
             }
         };
-        self.call(method, url, json).await
+        let route = ratelimit::Route { method: method.to_string(), template, major: channel.to_string() };
+        self.call(&route, method, url, json).await
     }
 }
 
 impl DiscordSender {
-    async fn call(&self, method: reqwest::Method, url: reqwest::Url, json: Option<Value>) -> SendResult {
-        for attempt in 1..=MAX_SEND_ATTEMPTS {
+    async fn call(
+        &self,
+        route: &ratelimit::Route,
+        method: reqwest::Method,
+        url: reqwest::Url,
+        json: Option<Value>,
+    ) -> SendResult {
+        // Sends of one route (channel) go one at a time, in order, each waiting for its bucket.
+        let _turn = self.limits.turn(route).await;
+        for _ in 1..=MAX_SEND_ATTEMPTS {
+            let ticket = match self.limits.acquire(route, MAX_RETRY_WAIT).await {
+                Ok(t) => t,
+                Err(wait) => {
+                    let secs = wait.as_secs_f64();
+                    return SendResult::err("rate_limited", format!("Discord asks to wait {secs:.1} s"), true);
+                }
+            };
             let mut req = self
                 .http
                 .request(method.clone(), url.clone())
@@ -662,23 +762,20 @@ impl DiscordSender {
                 }
             };
             let status = resp.status();
-            let header_wait =
-                resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<f64>().ok());
+            let headers = resp.headers().clone();
             let body = http_util::read_response(resp, MAX_RESPONSE).await.unwrap_or_default();
             let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let answer = ratelimit::Answer::parse(status.as_u16(), &headers, &v);
+            ticket.answer(&answer);
             if status.is_success() {
                 let ids = v.get("id").and_then(Value::as_str).map(|s| vec![s.to_string()]).unwrap_or_default();
                 return SendResult::Ok { platform_ids: ids };
             }
             let message = v.get("message").and_then(Value::as_str).unwrap_or("").to_string();
             if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
-                let secs = v.get("retry_after").and_then(Value::as_f64).or(header_wait).unwrap_or(1.0);
-                let wait = Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or(MAX_RETRY_WAIT);
-                if wait > MAX_RETRY_WAIT || attempt == MAX_SEND_ATTEMPTS {
-                    return SendResult::err("rate_limited", format!("Discord asks to wait {secs:.1} s"), true);
-                }
-                tracing::info!(bot = %self.bot.name, wait_ms = wait.as_millis() as u64, "Discord 429: waiting");
-                tokio::time::sleep(wait).await;
+                // Nothing was created; the limiter now holds the bucket (or the bot) back.
+                let wait_ms = answer.retry_after.map_or(0, |d| d.as_millis() as u64);
+                tracing::info!(bot = %self.bot.name, wait_ms, global = answer.global, scope = ?answer.scope, "Discord 429: waiting");
                 continue;
             }
             let code = match status.as_u16() {
@@ -729,6 +826,7 @@ mod tests {
             state: None,
             persisted: 0,
             last_identify: None,
+            budget: None,
         }
     }
 

@@ -15,16 +15,28 @@
 //!   queue events for a bot without a session: dispatches with no session are dropped.
 //! - Knobs: [`FakeDiscord::reconnect`] (op 7), [`FakeDiscord::invalidate`] (op 9).
 //!
+//! - Identify spends one session start of the daily budget (`session_start_limit`, shown by
+//!   `GET /gateway/bot`, set with [`FakeDiscord::set_session_budget`]); an Identify with no
+//!   session start left is refused (Discord resets the token: close 4004) and counted in
+//!   [`FakeDiscord::refused_identifies`]. The budget refills to `total` at its reset time.
+//!
 //! REST (`http://<addr>/api/v10`): `GET /gateway/bot`, `POST /channels/{id}/messages` (with
 //! `message_reference`), `PATCH /channels/{id}/messages/{id}`,
-//! `PUT /channels/{id}/messages/{id}/reactions/{emoji}/@me`. [`FakeDiscord::rate_limit_next`]
-//! makes the next calls answer 429 with the documented JSON body (`retry_after` in seconds)
-//! and `Retry-After`/`X-RateLimit-*` headers; a 429'd call is recorded as not sent.
+//! `PUT /channels/{id}/messages/{id}/reactions/{emoji}/@me`. Rate limits as documented: each
+//! message route has its own bucket (`X-RateLimit-Bucket`), counted separately per channel id
+//! (the major parameter) in fixed windows of [`FakeDiscord::set_bucket`] (default 50 per
+//! second). Every answer carries `X-RateLimit-Limit`, `-Remaining`, `-Reset` (epoch seconds),
+//! `-Reset-After` (seconds) and `-Bucket`; a call on an exhausted bucket gets 429 with the
+//! JSON body `{"message", "retry_after", "global": false}`, `Retry-After` and
+//! `X-RateLimit-Scope: user`. Knobs: [`FakeDiscord::rate_limit_next`] (429s the headers did not
+//! announce, scope `shared`), [`FakeDiscord::rate_limit_global_next`] (a global 429 with
+//! `X-RateLimit-Global`). A 429'd call is recorded as not sent.
 
 #![warn(missing_docs)]
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -81,8 +93,46 @@ struct St {
     limited: Vec<Instant>,
     rate_limit_next: u32,
     retry_after: f64,
+    global_next: Option<f64>,
     next_id: u64,
+    /// Per-channel bucket: requests per window.
+    bucket_limit: u32,
+    bucket_window: Duration,
+    /// (bucket hash, channel id) -> (window end, remaining).
+    windows: HashMap<(&'static str, String), (Instant, u32)>,
+    budget: Budget,
+    refused_identifies: u32,
 }
+
+/// The daily session-start budget.
+struct Budget {
+    total: u32,
+    remaining: u32,
+    reset_at: Instant,
+    max_concurrency: u32,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget { total: 1000, remaining: 1000, reset_at: Instant::now() + DAY, max_concurrency: 1 }
+    }
+}
+
+impl Budget {
+    fn refresh(&mut self) {
+        let now = Instant::now();
+        if now >= self.reset_at {
+            self.remaining = self.total;
+            self.reset_at = now + DAY;
+        }
+    }
+}
+
+const DAY: Duration = Duration::from_secs(86_400);
+/// Bucket hashes of the message routes (opaque strings, as Discord's are).
+const CREATE_BUCKET: &str = "80c17d2f203122d936070c88c8d10f33";
+const EDIT_BUCKET: &str = "3a7e6c51b4f1e2d0a9c8b7f6e5d4c3b2";
+const REACT_BUCKET: &str = "f2e4d6c8a0b1c3d5e7f9a1b3c5d7e9f1";
 
 #[derive(Clone, Copy, Debug)]
 enum Cmd {
@@ -121,6 +171,8 @@ impl FakeDiscord {
             heartbeat_ms: u64::try_from(heartbeat.as_millis()).unwrap_or(41_250),
             retry_after: 0.3,
             next_id: 1_100_000_000_000_000_000,
+            bucket_limit: 50,
+            bucket_window: Duration::from_secs(1),
             ..St::default()
         };
         let inner = Arc::new(Inner { st: Mutex::new(st), changed: watch::channel(0).0, gateway_url });
@@ -230,11 +282,43 @@ impl FakeDiscord {
         self.inner.bump();
     }
 
-    /// The next `n` REST calls answer 429 with `retry_after` seconds.
+    /// The next `n` REST calls answer 429 with `retry_after` seconds (scope `shared`: a limit
+    /// the bucket headers did not announce).
     pub fn rate_limit_next(&self, n: u32, retry_after: f64) {
         let mut st = self.inner.st();
         st.rate_limit_next = n;
         st.retry_after = retry_after;
+    }
+
+    /// The next REST call answers a global 429 (`"global": true`) with `retry_after` seconds.
+    pub fn rate_limit_global_next(&self, retry_after: f64) {
+        self.inner.st().global_next = Some(retry_after);
+    }
+
+    /// Each message route allows `limit` calls per channel per `window` (fixed windows that
+    /// start with a window's first call).
+    pub fn set_bucket(&self, limit: u32, window: Duration) {
+        let mut st = self.inner.st();
+        st.bucket_limit = limit.max(1);
+        st.bucket_window = window;
+        st.windows.clear();
+    }
+
+    /// Sets the daily session-start budget: `remaining` of `total`, refilled after `reset_after`.
+    pub fn set_session_budget(&self, total: u32, remaining: u32, reset_after: Duration, max_concurrency: u32) {
+        self.inner.st().budget = Budget { total, remaining, reset_at: Instant::now() + reset_after, max_concurrency };
+    }
+
+    /// Session starts left today (what `GET /gateway/bot` reports now).
+    pub fn session_starts_remaining(&self) -> u32 {
+        let mut st = self.inner.st();
+        st.budget.refresh();
+        st.budget.remaining
+    }
+
+    /// Identifies refused because the budget was spent.
+    pub fn refused_identifies(&self) -> u32 {
+        self.inner.st().refused_identifies
     }
 
     /// REST calls executed.
@@ -285,7 +369,24 @@ async fn connection(inner: Arc<Inner>, ws: ServerWs) {
     let mut resumed = false;
     match first.get("op").and_then(Value::as_u64) {
         Some(2) => {
+            let spent = {
+                let mut st = inner.st();
+                st.budget.refresh();
+                st.refused_identifies += u32::from(st.budget.remaining == 0);
+                st.budget.remaining == 0
+            };
+            if spent {
+                // Discord resets the token of a bot that identifies past its budget.
+                let _ = tx
+                    .send(Message::Close(Some(CloseFrame {
+                        code: CloseCode::Library(4004),
+                        reason: "Authentication failed.".into(),
+                    })))
+                    .await;
+                return;
+            }
             let mut st = inner.st();
+            st.budget.remaining = st.budget.remaining.saturating_sub(1);
             st.sessions_started += 1;
             session_id = format!("fake-session-{}", st.sessions_started);
             let ready = Dispatch {
@@ -421,46 +522,107 @@ fn error(status: StatusCode, code: u32, message: &str) -> Response {
     (status, axum::Json(json!({"message": message, "code": code}))).into_response()
 }
 
-/// Auth and the 429 knob shared by every route; `Some` is the answer to give instead.
-fn gate(inner: &Inner, headers: &HeaderMap) -> Option<Response> {
-    let mut st = inner.st();
+fn auth(st: &St, headers: &HeaderMap) -> Option<Response> {
     let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
-    if auth != format!("Bot {}", st.token) {
-        return Some(error(StatusCode::UNAUTHORIZED, 0, "401: Unauthorized"));
+    (auth != format!("Bot {}", st.token)).then(|| error(StatusCode::UNAUTHORIZED, 0, "401: Unauthorized"))
+}
+
+fn set_headers(r: &mut Response, pairs: &[(&str, String)]) {
+    let h = r.headers_mut();
+    for (k, v) in pairs {
+        if let (Ok(k), Ok(v)) = (axum::http::HeaderName::from_bytes(k.as_bytes()), v.parse()) {
+            h.insert(k, v);
+        }
     }
+}
+
+/// A 429 as documented: JSON body, `Retry-After` (whole seconds) and the scope header.
+fn too_many(retry_after: f64, global: bool, scope: &str, mut extra: Vec<(&str, String)>) -> Response {
+    let body = json!({"message": "You are being rate limited.", "retry_after": retry_after, "global": global});
+    let mut r = (StatusCode::TOO_MANY_REQUESTS, axum::Json(body)).into_response();
+    extra.push(("retry-after", format!("{}", retry_after.ceil() as u64)));
+    extra.push(("x-ratelimit-scope", scope.into()));
+    if global {
+        extra.push(("x-ratelimit-global", "true".into()));
+    }
+    set_headers(&mut r, &extra);
+    r
+}
+
+/// Auth, the 429 knobs and the channel's bucket, shared by the message routes: `Err` is the
+/// answer to give instead, `Ok` the rate limit headers for the answer.
+fn gate(
+    inner: &Inner,
+    headers: &HeaderMap,
+    bucket: &'static str,
+    channel: &str,
+) -> Result<Vec<(&'static str, String)>, Box<Response>> {
+    let mut st = inner.st();
+    if let Some(r) = auth(&st, headers) {
+        return Err(Box::new(r));
+    }
+    let now = Instant::now();
+    if let Some(ra) = st.global_next.take() {
+        st.limited.push(now);
+        return Err(Box::new(too_many(ra, true, "global", Vec::new())));
+    }
+    let (limit, window) = (st.bucket_limit, st.bucket_window);
+    let (reset_at, remaining) = {
+        let w = st.windows.entry((bucket, channel.to_string())).or_insert((now, limit));
+        if w.0 <= now {
+            *w = (now + window, limit);
+        }
+        *w
+    };
+    // Rounded up to the millisecond: a client waiting this long finds the window over.
+    let reset_after = (reset_at.saturating_duration_since(now).as_secs_f64() * 1000.0).ceil() / 1000.0;
+    let reset_epoch = (SystemTime::now() + reset_at.saturating_duration_since(now))
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let announced = |remaining: u32| {
+        vec![
+            ("x-ratelimit-limit", limit.to_string()),
+            ("x-ratelimit-remaining", remaining.to_string()),
+            ("x-ratelimit-reset", format!("{reset_epoch:.3}")),
+            ("x-ratelimit-reset-after", format!("{reset_after:.3}")),
+            ("x-ratelimit-bucket", bucket.to_string()),
+        ]
+    };
     if st.rate_limit_next > 0 {
         st.rate_limit_next -= 1;
-        st.limited.push(Instant::now());
+        st.limited.push(now);
         let ra = st.retry_after;
-        let body = json!({"message": "You are being rate limited.", "retry_after": ra, "global": false});
-        let mut r = (StatusCode::TOO_MANY_REQUESTS, axum::Json(body)).into_response();
-        let h = r.headers_mut();
-        for (k, v) in [
-            ("retry-after", format!("{}", ra.ceil() as u64)),
-            ("x-ratelimit-limit", "5".into()),
-            ("x-ratelimit-remaining", "0".into()),
-            ("x-ratelimit-reset-after", format!("{ra:.3}")),
-            ("x-ratelimit-bucket", "fakebucket".into()),
-            ("x-ratelimit-scope", "user".into()),
-        ] {
-            if let Ok(v) = v.parse() {
-                h.insert(k, v);
-            }
-        }
-        return Some(r);
+        return Err(Box::new(too_many(ra, false, "shared", announced(remaining))));
     }
-    None
+    if remaining == 0 {
+        st.limited.push(now);
+        return Err(Box::new(too_many(reset_after, false, "user", announced(0))));
+    }
+    if let Some(w) = st.windows.get_mut(&(bucket, channel.to_string())) {
+        w.1 -= 1;
+    }
+    Ok(announced(remaining - 1))
+}
+
+fn with_headers(mut r: Response, pairs: &[(&str, String)]) -> Response {
+    set_headers(&mut r, pairs);
+    r
 }
 
 async fn gateway_bot(State(inner): State<Arc<Inner>>, headers: HeaderMap) -> Response {
-    if let Some(r) = gate(&inner, &headers) {
+    let mut st = inner.st();
+    if let Some(r) = auth(&st, &headers) {
         return r;
     }
-    let started = inner.st().sessions_started;
+    st.budget.refresh();
+    let b = &st.budget;
+    let reset_after = u64::try_from(b.reset_at.saturating_duration_since(Instant::now()).as_millis()).unwrap_or(0);
     axum::Json(json!({
         "url": inner.gateway_url,
         "shards": 1,
-        "session_start_limit": {"total": 1000, "remaining": 1000u32.saturating_sub(started), "reset_after": 86_400_000, "max_concurrency": 1},
+        "session_start_limit": {
+            "total": b.total, "remaining": b.remaining, "reset_after": reset_after, "max_concurrency": b.max_concurrency,
+        },
     }))
     .into_response()
 }
@@ -488,17 +650,18 @@ fn record(inner: &Inner, method: &str, channel_id: String, message_id: Option<St
 }
 
 async fn create(State(inner): State<Arc<Inner>>, Path(cid): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Some(r) = gate(&inner, &headers) {
-        return r;
-    }
+    let limits = match gate(&inner, &headers, CREATE_BUCKET, &cid) {
+        Ok(l) => l,
+        Err(r) => return *r,
+    };
     let Ok(body) = serde_json::from_slice::<Value>(&body) else {
-        return error(StatusCode::BAD_REQUEST, 50109, "The request body contains invalid JSON.");
+        return with_headers(error(StatusCode::BAD_REQUEST, 50109, "The request body contains invalid JSON."), &limits);
     };
     if body.get("content").and_then(Value::as_str).is_none_or(str::is_empty) {
-        return error(StatusCode::BAD_REQUEST, 50006, "Cannot send an empty message");
+        return with_headers(error(StatusCode::BAD_REQUEST, 50006, "Cannot send an empty message"), &limits);
     }
     let (_, message) = record(&inner, "POST", cid, None, body);
-    axum::Json(message).into_response()
+    with_headers(axum::Json(message).into_response(), &limits)
 }
 
 async fn edit(
@@ -507,14 +670,15 @@ async fn edit(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(r) = gate(&inner, &headers) {
-        return r;
-    }
+    let limits = match gate(&inner, &headers, EDIT_BUCKET, &cid) {
+        Ok(l) => l,
+        Err(r) => return *r,
+    };
     let Ok(body) = serde_json::from_slice::<Value>(&body) else {
-        return error(StatusCode::BAD_REQUEST, 50109, "The request body contains invalid JSON.");
+        return with_headers(error(StatusCode::BAD_REQUEST, 50109, "The request body contains invalid JSON."), &limits);
     };
     let (_, message) = record(&inner, "PATCH", cid, Some(mid), body);
-    axum::Json(message).into_response()
+    with_headers(axum::Json(message).into_response(), &limits)
 }
 
 async fn react(
@@ -522,9 +686,10 @@ async fn react(
     Path((cid, mid, emoji)): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(r) = gate(&inner, &headers) {
-        return r;
-    }
+    let limits = match gate(&inner, &headers, REACT_BUCKET, &cid) {
+        Ok(l) => l,
+        Err(r) => return *r,
+    };
     record(&inner, "PUT", cid, Some(mid), json!({"emoji": emoji}));
-    StatusCode::NO_CONTENT.into_response()
+    with_headers(StatusCode::NO_CONTENT.into_response(), &limits)
 }

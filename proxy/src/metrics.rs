@@ -43,6 +43,8 @@ const HISTORY_EVERY_MS: u64 = 60_000;
 const STATS_CONCURRENCY: usize = 32;
 /// Held connections tracked at most (a bound, not a target).
 const MAX_CONNECTIONS: usize = 10_000;
+/// Figures kept per held connection at most.
+const MAX_DETAILS: usize = 16;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct IngressLabels {
@@ -110,6 +112,8 @@ pub struct ConnectionInfo {
     pub last_event_ms: Option<u64>,
     /// Last error reported.
     pub last_error: Option<String>,
+    /// Figures the adapter reports next to the state (e.g. Discord's `identify_remaining`).
+    pub details: BTreeMap<String, u64>,
     /// Whether it was ever `connected` (so the next `connected` is a reconnect).
     #[serde(skip)]
     connected_before: bool,
@@ -122,6 +126,10 @@ impl concierge_adapters::ConnectionReporter for Metrics {
         if let Some(e) = error {
             self.connection_error(channel, name, e);
         }
+    }
+
+    fn detail(&self, channel: &str, name: &str, key: &str, value: u64) {
+        self.connection_detail(channel, name, key, value);
     }
 }
 
@@ -352,6 +360,7 @@ impl Metrics {
             reconnects: 0,
             last_event_ms: None,
             last_error: None,
+            details: BTreeMap::new(),
             connected_before: false,
         });
         if entry.state != state {
@@ -369,6 +378,19 @@ impl Metrics {
     pub fn connection_error(&self, channel: &str, name: &str, error: &str) {
         if let Some(c) = lock(&self.connections).get_mut(&(channel.to_string(), name.to_string())) {
             c.last_error = Some(error.chars().take(500).collect());
+        }
+    }
+
+    /// Records a figure of a held connection (registering it, state `starting`, if new).
+    pub fn connection_detail(&self, channel: &str, name: &str, key: &str, value: u64) {
+        let registered = lock(&self.connections).contains_key(&(channel.to_string(), name.to_string()));
+        if !registered {
+            self.connection_state(channel, name, "starting");
+        }
+        if let Some(c) = lock(&self.connections).get_mut(&(channel.to_string(), name.to_string()))
+            && (c.details.len() < MAX_DETAILS || c.details.contains_key(key))
+        {
+            c.details.insert(key.to_string(), value);
         }
     }
 

@@ -326,3 +326,157 @@ async fn store_outage_resumes_from_the_last_stored_sequence() {
     assert_eq!(fake.identifies(), 1, "the session survived the outage");
     assert!(proxy.log().contains("event not stored"), "the outage reached the adapter; log:\n{}", proxy.log());
 }
+
+/// The held connection `discord/bot` as `/api/channels` shows it.
+async fn channel_info(proxy: &Proxy) -> Value {
+    let r = http_client().get(format!("http://{}/api/channels", proxy.admin)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let v: Value = r.json().await.unwrap();
+    let all = v["connections"].as_array().cloned().unwrap_or_default();
+    all.into_iter().find(|c| c["channel"] == "discord" && c["name"] == "bot").unwrap_or(Value::Null)
+}
+
+fn send_req(k: &str, channel: &str, body: &str) -> SendRequest {
+    SendRequest {
+        idempotency_key: k.into(),
+        channel: ChannelRef::new("discord", "bot"),
+        conversation: channel.into(),
+        body: body.into(),
+        reply_to: None,
+    }
+}
+
+/// Rate limit buckets from the headers: 8 sends into a bucket of 3 per 300 ms arrive once
+/// each, in order, with the limiter waiting on `Remaining: 0` (at most one 429 seen by the
+/// fake), while sends to another channel (another major parameter) are not held back.
+#[tokio::test(flavor = "multi_thread")]
+async fn sends_wait_for_their_bucket_without_blocking_other_channels() {
+    let fake = FakeDiscord::start(TOKEN, Duration::from_secs(1)).await.unwrap();
+    fake.set_bucket(3, Duration::from_millis(300));
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!("{}{}", self_connecting_agent("a"), bot_section(&fake));
+    let config = write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &body);
+    let proxy = Proxy::start(&config);
+    let agent = proxy.connect("a").await;
+    let started = std::time::Instant::now();
+    let busy = async {
+        for i in 0..8 {
+            let r = agent.send(send_req(&format!("a{i}"), "3000", &format!("busy {i}"))).await.unwrap();
+            assert!(matches!(r, SendResult::Ok { .. }), "send {i}: {r:?}; log:\n{}", proxy.log());
+        }
+    };
+    let other = async {
+        // Start once channel 3000 has used up its first window.
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        let t = std::time::Instant::now();
+        for i in 0..2 {
+            let r = agent.send(send_req(&format!("b{i}"), "3001", &format!("other {i}"))).await.unwrap();
+            assert!(matches!(r, SendResult::Ok { .. }), "{r:?}");
+        }
+        t.elapsed()
+    };
+    let ((), other_took) = tokio::join!(busy, other);
+    let total = started.elapsed();
+
+    let sent = fake.sent();
+    let busy: Vec<_> = sent.iter().filter(|s| s.channel_id == "3000").collect();
+    let contents: Vec<&str> = busy.iter().map(|s| s.body["content"].as_str().unwrap_or("")).collect();
+    assert_eq!(contents, (0..8).map(|i| format!("busy {i}")).collect::<Vec<_>>(), "once each, in order");
+    assert!(total >= Duration::from_millis(600), "8 sends at 3 per 300 ms take two waits: {total:?}");
+    assert!(fake.limited().len() <= 1, "the limiter waited instead of collecting 429s: {:?}", fake.limited());
+    // The 4th send waited for the window instead of going (and bouncing) at once.
+    assert!(busy[3].at - busy[2].at >= Duration::from_millis(150), "{:?}", busy[3].at - busy[2].at);
+    let others: Vec<_> = sent.iter().filter(|s| s.channel_id == "3001").collect();
+    assert_eq!(others.len(), 2);
+    // Channel 3001 went while 3000 waited for its second window (which opens at >= 300 ms).
+    assert!(others[0].at < busy[3].at, "channel 3001 waited for 3000's bucket ({other_took:?})");
+    assert!(others[1].at < busy[6].at, "channel 3001 was done while 3000 still waited ({other_took:?})");
+
+    // A global 429 holds back every route of the bot, not just the one that got it.
+    fake.rate_limit_global_next(0.5);
+    let first = agent.send(send_req("g0", "3002", "global 0"));
+    let second = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        agent.send(send_req("g1", "3003", "global 1")).await
+    };
+    let (r0, r1) = tokio::join!(first, second);
+    assert!(matches!(r0.unwrap(), SendResult::Ok { .. }) && matches!(r1.unwrap(), SendResult::Ok { .. }));
+    let limited_at = *fake.limited().last().expect("the global 429 was answered");
+    let sent = fake.sent();
+    let other = sent.iter().find(|s| s.channel_id == "3003").expect("sent to 3003");
+    assert!(
+        other.at - limited_at >= Duration::from_millis(400),
+        "channel 3003 waited out the global limit: {:?}",
+        other.at - limited_at
+    );
+}
+
+/// The daily session-start budget of `GET /gateway/bot` is on `/api/channels` and counts
+/// down with each Identify, matching what the fake has left.
+#[tokio::test(flavor = "multi_thread")]
+async fn identify_budget_is_reported_and_counts_down() {
+    let fake = FakeDiscord::start(TOKEN, Duration::from_secs(1)).await.unwrap();
+    fake.set_session_budget(1000, 40, Duration::from_secs(3600), 1);
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!("{}{}", self_connecting_agent("a"), bot_section(&fake));
+    let config = write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &body);
+    let proxy = Proxy::start(&config);
+    wait_session(&fake, &proxy).await;
+    let remaining = |c: &Value| c["details"]["identify_remaining"].as_u64();
+    let c = eventually(Duration::from_secs(10), || async {
+        let c = channel_info(&proxy).await;
+        (remaining(&c) == Some(39)).then_some(c)
+    })
+    .await
+    .unwrap_or_else(|| panic!("{}", channel_info_now(&fake)));
+    assert_eq!(fake.session_starts_remaining(), 39);
+    assert_eq!(c["details"]["identify_total"], 1000);
+    assert_eq!(c["details"]["identify_max_concurrency"], 1);
+    let reset = c["details"]["identify_reset_at_ms"].as_u64().unwrap();
+    let in_an_hour = concierge_protocol::now_ms() + 3_600_000;
+    assert!(reset.abs_diff(in_an_hour) < 60_000, "reset {reset} vs {in_an_hour}");
+
+    fake.invalidate(false);
+    let again = eventually(Duration::from_secs(20), || async {
+        (remaining(&channel_info(&proxy).await) == Some(38)).then_some(())
+    })
+    .await;
+    assert!(again.is_some(), "{}; log:\n{}", channel_info(&proxy).await, proxy.log());
+    assert_eq!((fake.session_starts_remaining(), fake.identifies()), (38, 2));
+}
+
+fn channel_info_now(fake: &FakeDiscord) -> String {
+    format!("the budget never showed; fake has {} left", fake.session_starts_remaining())
+}
+
+/// With no session start left the gateway does not connect or Identify; the channel state
+/// says why and when the budget resets; once it has, the bot identifies.
+#[tokio::test(flavor = "multi_thread")]
+async fn exhausted_identify_budget_is_waited_out_and_explained() {
+    let fake = FakeDiscord::start(TOKEN, Duration::from_secs(1)).await.unwrap();
+    fake.set_session_budget(1000, 0, Duration::from_secs(3), 1);
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!("{}{}", self_connecting_agent("a"), bot_section(&fake));
+    let config = write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &body);
+    let proxy = Proxy::start(&config);
+    let c = eventually(Duration::from_secs(10), || async {
+        let c = channel_info(&proxy).await;
+        (c["state"] == "identify_budget_exhausted").then_some(c)
+    })
+    .await;
+    let c = c.unwrap_or_else(|| panic!("state never said so; log:\n{}", proxy.log()));
+    let why = c["last_error"].as_str().unwrap_or_default();
+    assert!(why.contains("budget exhausted") && why.contains("resets at 20"), "{why}");
+    assert_eq!(c["details"]["identify_remaining"], 0);
+    assert_eq!((fake.identifies(), fake.connections(), fake.refused_identifies()), (0, 0, 0));
+    // After the reset the budget refills (1000) and the bot identifies once.
+    wait_session(&fake, &proxy).await;
+    assert_eq!((fake.identifies(), fake.refused_identifies()), (1, 0));
+    let c = eventually(Duration::from_secs(10), || async {
+        let c = channel_info(&proxy).await;
+        (c["state"] == "connected").then_some(c)
+    })
+    .await
+    .unwrap_or_else(|| panic!("not connected; log:\n{}", proxy.log()));
+    assert_eq!(c["details"]["identify_remaining"], 999);
+}

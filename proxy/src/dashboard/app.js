@@ -589,6 +589,22 @@ async function renderEvent() {
 
 // ---- channels and audit ----------------------------------------------------------------
 
+// Figures an adapter reports next to a connection's state; unknown keys are shown as given.
+const DETAIL_LABELS = {
+  identify_remaining: "Session starts left today", identify_total: "Session starts per day",
+  identify_reset_at_ms: "Session starts reset", identify_max_concurrency: "Identify max concurrency",
+};
+
+function connectionDetails(details) {
+  const keys = Object.keys(details || {});
+  if (!keys.length) return "–";
+  return h("dl", { class: "details" }, keys.flatMap((k) => {
+    const v = details[k];
+    const value = k.endsWith("_at_ms") ? h("time", { datetime: new Date(v).toISOString() }, fmtTime(v)) : String(v);
+    return [h("dt", {}, DETAIL_LABELS[k] || k), h("dd", { "data-detail": k }, value)];
+  }));
+}
+
 async function renderChannels() {
   const view = document.getElementById("view");
   view.replaceChildren(h("h2", {}, "Channels"));
@@ -597,10 +613,10 @@ async function renderChannels() {
   view.append(
     h("h3", {}, "Held connections"),
     r.connections.length ? h("table", { class: "compact" },
-      h("thead", {}, h("tr", {}, ["Channel", "Name", "State", "Since", "Reconnects", "Last event", "Last error"].map((c) => h("th", { scope: "col" }, c)))),
+      h("thead", {}, h("tr", {}, ["Channel", "Name", "State", "Since", "Reconnects", "Last event", "Last error", "Details"].map((c) => h("th", { scope: "col" }, c)))),
       h("tbody", {}, r.connections.map((c) => h("tr", {}, h("td", {}, c.channel), h("th", { scope: "row" }, c.name),
         h("td", {}, c.state), h("td", {}, ago(c.since_ms)), h("td", { class: "num" }, c.reconnects),
-        h("td", {}, ago(c.last_event_ms)), h("td", {}, c.last_error || ""))))) : h("p", {}, "No held connections."),
+        h("td", {}, ago(c.last_event_ms)), h("td", {}, c.last_error || ""), h("td", {}, connectionDetails(c.details)))))) : h("p", {}, "No held connections."),
     h("h3", {}, "Webhook routes"),
     r.webhooks.length ? h("table", { class: "compact" },
       h("thead", {}, h("tr", {}, ["Route", "Agent", "Path", "Verification", "Replies"].map((c) => h("th", { scope: "col" }, c)))),
