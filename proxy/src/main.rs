@@ -8,11 +8,6 @@ use clap::{Parser, Subcommand};
 
 mod otlp;
 
-/// glibc malloc cost about a fifth of the proxy's CPU per webhook (measured with perf); every
-/// request allocates headers, bodies and Redis commands on whichever worker thread runs it.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Concierge: an always-on proxy that lets AI agents sleep without missing a message.
 #[derive(Parser)]
 #[command(version, about)]
