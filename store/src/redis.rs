@@ -16,12 +16,14 @@
 //! out of its hash tag or collide with another agent's keys; dedupe and idempotency keys sit
 //! at the end of the key after a fixed prefix and need no escaping.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::{Client, Cmd, ErrorKind, Script, ServerErrorKind, Value};
 use async_trait::async_trait;
 use concierge_protocol::{EventData, EventRecord, SendResult};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     Appended, Position, SendClaim, Stats, Store, StoreError, StoreOptions, decode_result, encode_result, new_epoch,
@@ -76,19 +78,54 @@ end
 ensure_meta()
 "#;
 
-/// KEYS[3] (optional) = dedupe key; ARGV[2] = record, ARGV[3] = received_ms, ARGV[4] = size,
-/// ARGV[5] = dedupe TTL in ms. Returns {1, offset} when stored, {0, offset} for a duplicate.
+/// Appends a batch of one agent's events in arrival order (group commit: one script call
+/// for every append that queued while the previous call was in flight).
+///
+/// KEYS[3..] = the dedupe keys of the batch; ARGV[2] = dedupe TTL in ms; then 4 values per
+/// event: record, received_ms, size, and the index in KEYS of its dedupe key (0 = none).
+/// Returns a flat array: per event 1 (stored) or 0 (duplicate), then its offset.
+///
+/// Dedupe keys are checked first, so a key repeated within the batch counts as a duplicate of
+/// its first occurrence; then the head, cumulative and pending byte counters move once for
+/// the whole batch, and each new event is XADDed at its offset.
 const APPEND: &str = r#"
-if KEYS[3] then
-  local original = redis.call('GET', KEYS[3])
-  if original then return {0, tonumber(original)} end
+local ttl = ARGV[2]
+local out, first_slot, fresh, repeats = {}, {}, {}, {}
+local added = 0
+for i = 3, #ARGV, 4 do
+  local slot = #out + 1
+  local k = tonumber(ARGV[i + 3])
+  local key = k > 0 and KEYS[k] or nil
+  local original = key and not first_slot[key] and redis.call('GET', key)
+  if key and first_slot[key] then
+    out[slot], out[slot + 1] = 0, 0
+    repeats[#repeats + 1] = {slot, first_slot[key]}
+  elseif original then
+    out[slot], out[slot + 1] = 0, tonumber(original)
+  else
+    out[slot], out[slot + 1] = 1, 0
+    added = added + tonumber(ARGV[i + 2])
+    fresh[#fresh + 1] = {i, key, slot}
+    if key then first_slot[key] = slot end
+  end
 end
-local offset = redis.call('HINCRBY', KEYS[1], 'head', 1)
-local before = redis.call('HINCRBY', KEYS[1], 'appended', ARGV[4]) - tonumber(ARGV[4])
-redis.call('XADD', KEYS[2], id(offset), 'record', ARGV[2], 'received_ms', ARGV[3], 'size', ARGV[4], 'cb', before)
-redis.call('HINCRBY', KEYS[1], 'bytes', ARGV[4])
-if KEYS[3] then redis.call('SET', KEYS[3], offset, 'PX', ARGV[5]) end
-return {1, offset}
+local n = #fresh
+if n > 0 then
+  local first = redis.call('HINCRBY', KEYS[1], 'head', n) - n + 1
+  local cb = redis.call('HINCRBY', KEYS[1], 'appended', added) - added
+  redis.call('HINCRBY', KEYS[1], 'bytes', added)
+  for j = 1, n do
+    local i, key, slot = fresh[j][1], fresh[j][2], fresh[j][3]
+    local offset = first + j - 1
+    redis.call('XADD', KEYS[2], id(offset), 'record', ARGV[i], 'received_ms', ARGV[i + 1], 'size', ARGV[i + 2], 'cb', cb)
+    cb = cb + tonumber(ARGV[i + 2])
+    if key then redis.call('SET', key, offset, 'PX', ttl) end
+    out[slot + 1] = offset
+  end
+end
+-- An event repeated inside the batch is a duplicate of its first occurrence.
+for _, r in ipairs(repeats) do out[r[1] + 1] = out[r[2] + 1] end
+return out
 "#;
 
 /// ARGV[2] = up_to, ARGV[3] = retain_acked. Returns the new cursor.
@@ -173,6 +210,25 @@ pub struct RedisStore {
     conn: ConnectionManager,
     opts: StoreOptions,
     scripts: Scripts,
+    /// Appends wait here for the group-commit task ([`commit_appends`]).
+    appends: mpsc::Sender<AppendJob>,
+}
+
+/// Most appends one script call carries, and most record bytes: bounds the script's run time
+/// (Redis serves nobody else meanwhile) and the size of one command.
+const MAX_BATCH_EVENTS: usize = 256;
+const MAX_BATCH_BYTES: usize = 1 << 20;
+/// Appends queued for the group-commit task before callers wait for room.
+const APPEND_QUEUE: usize = 4096;
+
+/// One append waiting for its batch.
+struct AppendJob {
+    agent: String,
+    record: Vec<u8>,
+    received_at_ms: u64,
+    size: u64,
+    dedupe_key: Option<String>,
+    done: oneshot::Sender<Result<Appended, StoreError>>,
 }
 
 impl RedisStore {
@@ -190,7 +246,10 @@ impl RedisStore {
         let conn = ConnectionManager::new_with_config(client, config)
             .await
             .map_err(|e| StoreError::Unavailable(format!("cannot connect to Redis at {shown}: {e}")))?;
-        Ok(RedisStore { conn, opts, scripts: Scripts::new() })
+        let scripts = Scripts::new();
+        let (appends, queued) = mpsc::channel(APPEND_QUEUE);
+        tokio::spawn(commit_appends(queued, conn.clone(), scripts.append.clone(), opts.dedupe_ttl));
+        Ok(RedisStore { conn, opts, scripts, appends })
     }
 
     /// A handle on the shared multiplexed connection (cheap; requests are pipelined).
@@ -198,28 +257,139 @@ impl RedisStore {
         self.conn.clone()
     }
 
-    /// Runs `EVALSHA` of `script` with `keys` and `args`, loading the script once if Redis
-    /// does not know it (first use, or after a restart).
-    ///
-    /// The command is built directly rather than through `redis::ScriptInvocation`, which
-    /// copies every key and argument into a vector of its own before copying them again into
-    /// the command: on the append path that was two extra copies of every event record.
+    /// [`eval`] on this store's connection.
     async fn eval<T: ::redis::FromRedisValue>(
         &self,
         script: &Script,
         keys: &[&str],
         args: impl FnOnce(&mut Cmd),
     ) -> ::redis::RedisResult<T> {
-        let mut cmd = ::redis::cmd("EVALSHA");
-        cmd.arg(script.get_hash()).arg(keys.len()).arg(keys);
-        args(&mut cmd);
-        let mut conn = self.conn();
-        match cmd.query_async(&mut conn).await {
-            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                script.prepare_invoke().load_async(&mut conn).await?;
-                cmd.query_async(&mut conn).await
+        eval(&mut self.conn(), script, keys, args).await
+    }
+}
+
+/// Runs `EVALSHA` of `script` with `keys` and `args`, loading the script once if Redis does
+/// not know it (first use, or after a restart).
+///
+/// The command is built directly rather than through `redis::ScriptInvocation`, which copies
+/// every key and argument into a vector of its own before copying them again into the
+/// command: on the append path that was two extra copies of every event record.
+async fn eval<T: ::redis::FromRedisValue>(
+    conn: &mut ConnectionManager,
+    script: &Script,
+    keys: &[&str],
+    args: impl FnOnce(&mut Cmd),
+) -> ::redis::RedisResult<T> {
+    let mut cmd = ::redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash()).arg(keys.len()).arg(keys);
+    args(&mut cmd);
+    match cmd.query_async(conn).await {
+        Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            script.prepare_invoke().load_async(conn).await?;
+            cmd.query_async(conn).await
+        }
+        other => other,
+    }
+}
+
+/// The group-commit task: takes every append queued while the previous round was in flight,
+/// and sends one `APPEND` script call per agent for them, all pipelined on the connection.
+///
+/// Under load a round carries many events for the price of one script call (the Lua call
+/// overhead in Redis was larger than the commands it runs); when idle, a round is one event
+/// and costs what a direct call would. Ends when the store is dropped.
+async fn commit_appends(
+    mut queued: mpsc::Receiver<AppendJob>,
+    conn: ConnectionManager,
+    script: Script,
+    dedupe_ttl: Duration,
+) {
+    let ttl = ttl_ms(dedupe_ttl);
+    while let Some(first) = queued.recv().await {
+        let mut bytes = first.record.len();
+        let mut round = vec![first];
+        while round.len() < MAX_BATCH_EVENTS * 4 && bytes < MAX_BATCH_BYTES * 4 {
+            match queued.try_recv() {
+                Ok(job) => {
+                    bytes += job.record.len();
+                    round.push(job);
+                }
+                Err(_) => break,
             }
-            other => other,
+        }
+        let batches = batches_by_agent(round);
+        let calls = batches.into_iter().map(|batch| {
+            let mut conn = conn.clone();
+            let script = &script;
+            async move { commit_batch(&mut conn, script, ttl, batch).await }
+        });
+        futures::future::join_all(calls).await;
+    }
+}
+
+/// Splits a round into per-agent batches (arrival order kept within each), each within the
+/// batch limits.
+fn batches_by_agent(round: Vec<AppendJob>) -> Vec<Vec<AppendJob>> {
+    let mut batches: Vec<(usize, Vec<AppendJob>)> = Vec::new();
+    let mut open: HashMap<String, usize> = HashMap::new();
+    for job in round {
+        let index = match open.get(&job.agent) {
+            Some(&i) if batches[i].1.len() < MAX_BATCH_EVENTS && batches[i].0 + job.record.len() <= MAX_BATCH_BYTES => {
+                i
+            }
+            _ => {
+                batches.push((0, Vec::new()));
+                open.insert(job.agent.clone(), batches.len() - 1);
+                batches.len() - 1
+            }
+        };
+        batches[index].0 += job.record.len();
+        batches[index].1.push(job);
+    }
+    batches.into_iter().map(|(_, jobs)| jobs).collect()
+}
+
+/// One `APPEND` call for one agent's batch; answers every job in it.
+async fn commit_batch(conn: &mut ConnectionManager, script: &Script, ttl: u64, batch: Vec<AppendJob>) {
+    let Some(agent) = batch.first().map(|j| j.agent.clone()) else { return };
+    let keys = AgentKeys::new(&agent);
+    let dedupe_keys: Vec<String> =
+        batch.iter().filter_map(|j| j.dedupe_key.as_deref()).map(|d| keys.dedupe(d)).collect();
+    let mut key_list = Vec::with_capacity(2 + dedupe_keys.len());
+    key_list.extend([keys.meta.as_str(), keys.evt.as_str()]);
+    key_list.extend(dedupe_keys.iter().map(String::as_str));
+    let reply: Result<Vec<u64>, _> = eval(conn, script, &key_list, |c| {
+        c.arg(new_epoch()).arg(ttl);
+        let mut next_key = 3;
+        for job in &batch {
+            c.arg(&job.record).arg(job.received_at_ms).arg(job.size);
+            if job.dedupe_key.is_some() {
+                c.arg(next_key);
+                next_key += 1;
+            } else {
+                c.arg(0);
+            }
+        }
+    })
+    .await;
+    match reply {
+        Ok(flat) if flat.len() == 2 * batch.len() => {
+            for (job, pair) in batch.into_iter().zip(flat.chunks_exact(2)) {
+                let appended = if pair[0] == 1 { Appended::Stored(pair[1]) } else { Appended::Duplicate(pair[1]) };
+                let _ = job.done.send(Ok(appended));
+            }
+        }
+        Ok(flat) => {
+            let why = format!("Redis append for agent {agent:?}: {} values for {} events", flat.len(), batch.len());
+            for job in batch {
+                let _ = job.done.send(Err(StoreError::Corrupt(why.clone())));
+            }
+        }
+        Err(e) => {
+            let why = format!("Redis append for agent {agent:?} failed: {e}");
+            for job in batch {
+                let _ = job.done.send(Err(StoreError::Unavailable(why.clone())));
+            }
         }
     }
 }
@@ -227,22 +397,19 @@ impl RedisStore {
 #[async_trait]
 impl Store for RedisStore {
     async fn append(&self, event: &EventData) -> Result<Appended, StoreError> {
-        let keys = AgentKeys::new(&event.agent);
-        let dedupe = event.dedupe_key.as_deref().map(|d| keys.dedupe(d));
-        let mut key_list = vec![keys.meta.as_str(), keys.evt.as_str()];
-        key_list.extend(dedupe.as_deref());
-        let record = event.to_record();
-        let (stored, offset): (i64, u64) = self
-            .eval(&self.scripts.append, &key_list, |c| {
-                c.arg(new_epoch())
-                    .arg(&record)
-                    .arg(event.received_at_ms)
-                    .arg(event.size_hint() as u64)
-                    .arg(ttl_ms(self.opts.dedupe_ttl));
-            })
-            .await
-            .map_err(|e| unavailable("append", &event.agent, e))?;
-        Ok(if stored == 1 { Appended::Stored(offset) } else { Appended::Duplicate(offset) })
+        let (done, answer) = oneshot::channel();
+        let job = AppendJob {
+            agent: event.agent.clone(),
+            record: event.to_record(),
+            received_at_ms: event.received_at_ms,
+            size: event.size_hint() as u64,
+            dedupe_key: event.dedupe_key.clone(),
+            done,
+        };
+        let gone =
+            || StoreError::Unavailable(format!("Redis append for agent {:?}: the store is shutting down", event.agent));
+        self.appends.send(job).await.map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
     }
 
     async fn read_records(&self, agent: &str, after: u64, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
@@ -604,6 +771,38 @@ mod tests {
                 other => panic!("case {i}: expected a Corrupt error, got {other:?}"),
             }
         }
+    }
+
+    fn job(agent: &str, bytes: usize, tag: u64) -> AppendJob {
+        let (done, _) = oneshot::channel();
+        AppendJob { agent: agent.into(), record: vec![0; bytes], received_at_ms: tag, size: 0, dedupe_key: None, done }
+    }
+
+    #[test]
+    fn rounds_split_per_agent_in_arrival_order_within_limits() {
+        let mut round = Vec::new();
+        for i in 0..(MAX_BATCH_EVENTS as u64 + 10) {
+            round.push(job("a", 10, i));
+            if i % 3 == 0 {
+                round.push(job("b", 10, i));
+            }
+        }
+        round.push(job("c", MAX_BATCH_BYTES - 5, 0));
+        round.push(job("c", 10, 1));
+        let batches = batches_by_agent(round);
+        let summary: Vec<(String, Vec<u64>)> =
+            batches.iter().map(|b| (b[0].agent.clone(), b.iter().map(|j| j.received_at_ms).collect())).collect();
+        for (agent, tags) in &summary {
+            assert!(batches.iter().all(|b| b.iter().all(|j| &j.agent == agent) || b[0].agent != *agent));
+            assert!(tags.windows(2).all(|w| w[0] < w[1]), "{agent}: order kept within a batch: {tags:?}");
+        }
+        let of = |agent: &str| summary.iter().filter(|(a, _)| a == agent).map(|(_, t)| t.clone()).collect::<Vec<_>>();
+        let a = of("a");
+        assert_eq!(a.len(), 2, "the events cap splits agent a");
+        assert_eq!(a[0].len(), MAX_BATCH_EVENTS);
+        assert_eq!(a.concat(), (0..(MAX_BATCH_EVENTS as u64 + 10)).collect::<Vec<_>>());
+        assert_eq!(of("b").len(), 1);
+        assert_eq!(of("c"), vec![vec![0], vec![1]], "the bytes cap splits agent c");
     }
 
     #[test]

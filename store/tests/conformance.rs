@@ -152,6 +152,7 @@ macro_rules! suite_tests {
                 agents_are_isolated_even_with_odd_ids,
                 send_claims_per_agent,
                 concurrent_appends_have_no_gaps_or_duplicates,
+                concurrent_appends_to_many_agents_keep_each_log_exact,
                 check_writable_succeeds,
                 state_records_round_trip,
             ]
@@ -465,6 +466,50 @@ mod suite {
         assert_eq!(results.iter().filter(|r| matches!(r, Appended::Stored(_))).count(), 1);
         assert!(results.iter().all(|r| r.offset() == 201), "{results:?}");
         assert_eq!(h.store.position(&a).await.unwrap().head, 201);
+        h.cleanup().await;
+    }
+
+    /// Appends to several agents at once (one group-commit round may carry all of them):
+    /// each agent's offsets are contiguous, its pending bytes are exactly what it was sent,
+    /// and a redelivery answers the offset of the first copy.
+    pub async fn concurrent_appends_to_many_agents_keep_each_log_exact(make: Make) {
+        let h = make(StoreOptions::default()).await;
+        let agents: Vec<String> = (0..3).map(|i| h.agent(&format!("m{i}"))).collect();
+        let mut tasks = Vec::new();
+        for i in 0..150usize {
+            let store = Arc::clone(&h.store);
+            let agent = agents[i % 3].clone();
+            // Every fifth event is sent twice with one dedupe key.
+            let copies = if i % 5 == 0 { 2 } else { 1 };
+            for _ in 0..copies {
+                let e = event(&agent, Some(&format!("d{i}")), &"x".repeat(i));
+                let store = Arc::clone(&store);
+                tasks.push(tokio::spawn(async move { (i, e.size_hint() as u64, store.append(&e).await.unwrap()) }));
+            }
+        }
+        let mut offsets: Vec<std::collections::BTreeMap<u64, usize>> = vec![Default::default(); 3];
+        let mut bytes = [0u64; 3];
+        let mut answers: std::collections::HashMap<usize, Vec<Appended>> = Default::default();
+        for task in tasks {
+            let (i, size, appended) = task.await.unwrap();
+            answers.entry(i).or_default().push(appended);
+            if let Appended::Stored(offset) = appended {
+                assert!(offsets[i % 3].insert(offset, i).is_none(), "offset {offset} of agent {} twice", i % 3);
+                bytes[i % 3] += size;
+            }
+        }
+        for (i, got) in &answers {
+            assert_eq!(got.iter().filter(|a| matches!(a, Appended::Stored(_))).count(), 1, "event {i}: {got:?}");
+            assert!(got.iter().all(|a| a.offset() == got[0].offset()), "event {i}: copies disagree: {got:?}");
+        }
+        for (n, agent) in agents.iter().enumerate() {
+            assert_eq!(offsets[n].keys().copied().collect::<Vec<_>>(), (1..=50).collect::<Vec<_>>(), "agent {n}");
+            let stats = h.store.stats(agent).await.unwrap();
+            assert_eq!((stats.pending, stats.pending_bytes), (50, bytes[n]), "agent {n}");
+            for e in h.store.read(agent, 0, 100).await.unwrap() {
+                assert_eq!(e.data.text.map(|t| t.len()), Some(offsets[n][&e.offset]), "agent {n} offset {}", e.offset);
+            }
+        }
         h.cleanup().await;
     }
 
