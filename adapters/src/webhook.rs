@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
-use axum::body::{Body, Bytes, HttpBody};
+use axum::body::{Body, HttpBody};
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::header::{ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
@@ -316,7 +316,7 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 
 /// Reads the body, refusing by `Content-Length` before reading and by count while reading, so
 /// at most `max` bytes (plus the chunk in hand) are ever buffered.
-async fn read_body(mut body: Body, headers: &HeaderMap, max: usize) -> Result<Bytes, HookError> {
+async fn read_body(mut body: Body, headers: &HeaderMap, max: usize) -> Result<Vec<u8>, HookError> {
     let declared = content_length(headers);
     if declared.is_some_and(|n| n > max as u64) {
         return Err(HookError { close: true, ..too_large(max) });
@@ -335,7 +335,7 @@ async fn read_body(mut body: Body, headers: &HeaderMap, max: usize) -> Result<By
             }
             buf.extend_from_slice(&data);
         }
-        Ok(Bytes::from(buf))
+        Ok(buf)
     };
     match tokio::time::timeout(BODY_READ_TIMEOUT, read).await {
         Ok(result) => result,
@@ -498,7 +498,8 @@ fn json_text(body: &[u8]) -> Option<String> {
 }
 
 /// Builds the event for a verified request (pure: no I/O), or a 400 for unusable headers.
-fn build_event(route: &Route, headers: &HeaderMap, body: Bytes, received_at_ms: u64) -> Result<EventData, HookError> {
+/// The body moves into the event's `raw` (no copy: it is the largest part of the event).
+fn build_event(route: &Route, headers: &HeaderMap, body: Vec<u8>, received_at_ms: u64) -> Result<EventData, HookError> {
     let id = delivery_id(headers)?;
     let conversation = id_header(headers, "x-conversation-id")?.unwrap_or_else(|| route.name.clone());
     let sender = id_header(headers, "x-sender")?;
@@ -520,7 +521,7 @@ fn build_event(route: &Route, headers: &HeaderMap, body: Bytes, received_at_ms: 
         text,
         attachments: Vec::new(),
         content_type: declared_type.unwrap_or_else(|| "application/octet-stream".to_string()),
-        raw: body.to_vec(),
+        raw: body,
         meta,
     })
 }
@@ -752,7 +753,7 @@ mod tests {
 
     #[test]
     fn event_fields_from_headers_and_body() {
-        let body = Bytes::from_static(br#"{"text":"hello","x":1}"#);
+        let body = br#"{"text":"hello","x":1}"#.to_vec();
         let h = headers(&[
             ("content-type", b"application/json"),
             ("webhook-id", b"msg_1"),
@@ -781,14 +782,14 @@ mod tests {
 
     #[test]
     fn event_defaults_and_idempotency_key_fallback() {
-        let e = build_event(&route(Verify::None), &headers(&[("idempotency-key", b"ik")]), Bytes::new(), 1).unwrap();
+        let e = build_event(&route(Verify::None), &headers(&[("idempotency-key", b"ik")]), Vec::new(), 1).unwrap();
         assert_eq!(e.dedupe_key.as_deref(), Some("orders:ik"));
         assert_eq!(e.conversation, "orders");
         assert_eq!(e.sender, None);
         assert_eq!(e.content_type, "application/octet-stream");
         assert_eq!(e.text, None);
         assert_eq!(e.meta, vec![("webhook-id".into(), "ik".into()), ("content-length".into(), "0".into())]);
-        let e = build_event(&route(Verify::None), &headers(&[("webhook-id", b"  ")]), Bytes::new(), 1).unwrap();
+        let e = build_event(&route(Verify::None), &headers(&[("webhook-id", b"  ")]), Vec::new(), 1).unwrap();
         assert_eq!(e.dedupe_key, None);
     }
 
@@ -798,15 +799,15 @@ mod tests {
         for (name, value) in
             [("x-conversation-id", long.as_slice()), ("x-sender", &[0xff, 0xfe][..]), ("webhook-id", long.as_slice())]
         {
-            let err = build_event(&route(Verify::None), &headers(&[(name, value)]), Bytes::new(), 1).unwrap_err();
+            let err = build_event(&route(Verify::None), &headers(&[(name, value)]), Vec::new(), 1).unwrap_err();
             assert_eq!(err.status, StatusCode::BAD_REQUEST);
             assert!(err.message.contains(name), "{}", err.message);
         }
         let exact = vec![b'c'; MAX_ID_LEN];
-        let e = build_event(&route(Verify::None), &headers(&[("x-conversation-id", &exact)]), Bytes::new(), 1).unwrap();
+        let e = build_event(&route(Verify::None), &headers(&[("x-conversation-id", &exact)]), Vec::new(), 1).unwrap();
         assert_eq!(e.conversation.len(), MAX_ID_LEN);
         let utf8 = "conversación".as_bytes();
-        let e = build_event(&route(Verify::None), &headers(&[("x-conversation-id", utf8)]), Bytes::new(), 1).unwrap();
+        let e = build_event(&route(Verify::None), &headers(&[("x-conversation-id", utf8)]), Vec::new(), 1).unwrap();
         assert_eq!(e.conversation, "conversación");
     }
 
