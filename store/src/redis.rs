@@ -8,9 +8,11 @@
 //!   dedupe TTL.
 //! - `c:{agent}:send:<idempotency key>`: `inflight`, or the postcard-encoded `SendResult`.
 //!
-//! Append and ack are each ONE Lua script, so they are atomic; with `appendfsync always`
-//! Redis answers only after the AOF fsync, and concurrent calls are pipelined on one
-//! multiplexed connection, so they share fsyncs (group commit).
+//! Append and ack are each ONE Lua script, so they are atomic. Appends are group committed:
+//! a task takes every append queued while its previous round was in flight and sends one
+//! `APPEND` call per agent for them (the Lua call itself cost Redis more than the commands it
+//! runs); with `appendfsync always` Redis answers only after the AOF fsync, which the whole
+//! round shares. All calls are pipelined on one multiplexed connection.
 //!
 //! Agent ids are escaped in keys (`%`, `{`, `}`, `:` become `%XX`), so no agent id can break
 //! out of its hash tag or collide with another agent's keys; dedupe and idempotency keys sit
