@@ -355,13 +355,12 @@ async fn connection(inner: Arc<Inner>, ws: ServerWs) {
     };
     let d = first.get("d").cloned().unwrap_or(Value::Null);
     let token_ok = d.get("token").and_then(Value::as_str) == Some(inner.st().token.as_str());
+    // Discord's answer to a bad token, and to an Identify past the daily budget (it resets the
+    // token of a bot that does that).
+    let auth_failed =
+        Message::Close(Some(CloseFrame { code: CloseCode::Library(4004), reason: "Authentication failed.".into() }));
     if !token_ok {
-        let _ = tx
-            .send(Message::Close(Some(CloseFrame {
-                code: CloseCode::Library(4004),
-                reason: "Authentication failed.".into(),
-            })))
-            .await;
+        let _ = tx.send(auth_failed).await;
         return;
     }
     let mut cursor: u64;
@@ -376,13 +375,7 @@ async fn connection(inner: Arc<Inner>, ws: ServerWs) {
                 st.budget.remaining == 0
             };
             if spent {
-                // Discord resets the token of a bot that identifies past its budget.
-                let _ = tx
-                    .send(Message::Close(Some(CloseFrame {
-                        code: CloseCode::Library(4004),
-                        reason: "Authentication failed.".into(),
-                    })))
-                    .await;
+                let _ = tx.send(auth_failed).await;
                 return;
             }
             let mut st = inner.st();
