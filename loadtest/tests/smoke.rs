@@ -113,6 +113,19 @@ fn e2e_embedded() {
 fn wake_storm_embedded() {
     let r = run("wake-storm", &["--store", "embedded"]);
     assert_eq!(figure(&r, "wakes"), 5.0, "{r}");
+    // The storm phase, at --quick size: every agent got its event, and the figures exist.
+    assert_eq!(figure(&r, "storm_agents"), 10.0, "{r}");
+    assert_eq!(figure(&r, "storm_wakes_ok"), 10.0, "{r}");
+    assert!(figure(&r, "storm_all_delivered_ms") > 0.0, "{r}");
+    for name in ["storm_driver_called", "storm_hello_to_first_delivery", "storm_overhead"] {
+        let (p50, p99, max) = (
+            figure(&r, &format!("{name}_p50")),
+            figure(&r, &format!("{name}_p99")),
+            figure(&r, &format!("{name}_max")),
+        );
+        assert!(p50 > 0.0 && p50 <= p99 && p99 <= max, "{name}: p50 {p50} p99 {p99} max {max}: {r}");
+    }
+    assert!(figure(&r, "storm_wake_p99") > 0.0, "{r}");
 }
 
 /// The names are the scenarios' names; the old ones stay accepted as aliases.

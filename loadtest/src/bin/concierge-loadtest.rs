@@ -82,7 +82,8 @@ enum Scenario {
         #[arg(long, default_value_t = 1024)]
         body_bytes: usize,
     },
-    /// Wake overhead: exec driver starting the built-in echo agent, repeatedly.
+    /// Wake overhead: exec driver starting the built-in echo agent, repeatedly; then a storm of
+    /// M http-driver agents each getting one event at once (in-process SDK agents).
     #[command(alias = "wake")]
     WakeStorm {
         /// Wake rounds (default 30; 5 with --quick).
@@ -91,6 +92,12 @@ enum Scenario {
         /// The agent's sleep_after.
         #[arg(long, value_parser = humantime_duration, default_value = "200ms")]
         sleep_after: Duration,
+        /// Agents woken at once in the storm (default 1000; 10 with --quick; 0 skips the storm).
+        #[arg(long)]
+        agents: Option<usize>,
+        /// Webhook POSTs in flight during the storm, one keep-alive connection each.
+        #[arg(long, default_value_t = 64)]
+        storm_connections: usize,
     },
     /// Signed webhooks at fixed concurrency: durable-ack rate and latency.
     Ingest {
@@ -307,10 +314,12 @@ async fn run(ctx: &Context, s: Scenario) -> anyhow::Result<Report> {
             p.body_bytes = body_bytes;
             scenario::e2e::run(ctx, &p).await
         }
-        Scenario::WakeStorm { wakes, sleep_after } => {
+        Scenario::WakeStorm { wakes, sleep_after, agents, storm_connections } => {
             let mut p = scenario::wake_storm::Params::defaults(q);
             p.wakes = wakes.unwrap_or(p.wakes).max(1);
             p.sleep_after = sleep_after;
+            p.agents = agents.unwrap_or(p.agents);
+            p.storm_connections = storm_connections.max(1);
             scenario::wake_storm::run(ctx, &p).await
         }
         Scenario::Ingest { concurrency, duration, agents, body_bytes, peer } => {
