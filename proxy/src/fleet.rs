@@ -178,7 +178,7 @@ impl AgentRuntime {
         let previous = lock(&self.session).replace(control);
         match previous {
             Some(old) => old.connection.close(2u32.into(), b"superseded by a newer session"),
-            None => self.input(Input::Connected),
+            None => self.input(Input::Connected { at: std::time::Instant::now() }),
         }
     }
 

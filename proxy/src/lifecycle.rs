@@ -75,13 +75,19 @@ pub enum Input {
     /// The driver's `sleep` call finished.
     SleepReturned(Result<(), DriverFailure>),
     /// The agent opened a session.
-    Connected,
+    Connected {
+        /// When the session was installed (stamped there: under load the runner sees the input
+        /// later, and a wake's timings must not absorb that queueing).
+        at: Instant,
+    },
     /// The agent's (last) session closed.
     Disconnected,
     /// A batch of events was delivered to the session.
     Delivered {
         /// Events in the batch.
         events: u64,
+        /// When the batch was written (stamped by the session, as for `Connected`).
+        at: Instant,
     },
     /// The agent acknowledged events; `pending` are left.
     Acked {
@@ -264,12 +270,12 @@ impl Lifecycle {
                 }
                 Vec::new()
             }
-            Input::Connected => self.on_connected(now),
+            Input::Connected { at } => self.on_connected(at.min(now), now),
             Input::Disconnected => self.on_disconnected(now),
-            Input::Delivered { events } => {
+            Input::Delivered { events, at } => {
                 if let Some(w) = self.last.as_mut().filter(|_| self.session_from_wake) {
                     if w.first_delivery_after_ms.is_none() {
-                        w.first_delivery_after_ms = w.since(now);
+                        w.first_delivery_after_ms = w.since(at.min(now));
                     }
                     w.events_drained += events;
                 }
@@ -374,13 +380,14 @@ impl Lifecycle {
         Vec::new()
     }
 
-    fn on_connected(&mut self, now: Instant) -> Vec<Action> {
+    /// `at` is when the session was installed; `now` drives the timers.
+    fn on_connected(&mut self, at: Instant, now: Instant) -> Vec<Action> {
         self.state = State::Awake;
         self.sleeping_requested = false;
         self.last_error = None;
         self.session_from_wake = self.current.is_some();
         if let Some(mut w) = self.current.take() {
-            w.connected_after_ms = w.since(now);
+            w.connected_after_ms = w.since(at);
             w.outcome = "connected";
             w.error = None;
             self.last = Some(w);
@@ -522,7 +529,7 @@ mod tests {
         assert!(m.handle(Input::EventStored { received: now }, now).is_empty(), "events buffer while unreachable");
         let later = now + Duration::from_secs(60);
         assert_eq!(m.handle(Input::Timer, later).len(), 1, "periodic retry continues");
-        m.handle(Input::Connected, later);
+        m.handle(Input::Connected { at: later }, later);
         assert_eq!(m.state(), State::Awake);
         assert_eq!(m.last_wake().unwrap().outcome, "connected");
     }
@@ -556,7 +563,7 @@ mod tests {
         assert!(m.handle(Input::EventStored { received: t }, t).is_empty());
         assert_eq!(m.state(), State::Asleep);
         assert_eq!(m.handle(Input::WakeRequested, t).len(), 1);
-        m.handle(Input::Connected, t);
+        m.handle(Input::Connected { at: t }, t);
         assert_eq!(m.state(), State::Awake);
     }
 
@@ -566,9 +573,17 @@ mod tests {
         let mut m = Lifecycle::new(settings(Policy::Immediate), false);
         m.handle(Input::EventStored { received: t }, t + Duration::from_millis(1));
         m.handle(Input::DriverCalled { at: t + Duration::from_millis(2) }, t + Duration::from_millis(2));
-        m.handle(Input::Connected, t + Duration::from_millis(40));
-        m.handle(Input::Delivered { events: 3 }, t + Duration::from_millis(45));
-        m.handle(Input::Delivered { events: 2 }, t + Duration::from_millis(50));
+        // Inputs reach the runner late (here 7 ms); the timings use when things happened.
+        let late = Duration::from_millis(7);
+        m.handle(Input::Connected { at: t + Duration::from_millis(40) }, t + Duration::from_millis(40) + late);
+        m.handle(
+            Input::Delivered { events: 3, at: t + Duration::from_millis(45) },
+            t + Duration::from_millis(45) + late,
+        );
+        m.handle(
+            Input::Delivered { events: 2, at: t + Duration::from_millis(50) },
+            t + Duration::from_millis(50) + late,
+        );
         let w = m.last_wake().unwrap();
         assert_eq!(w.driver_called_after_ms, Some(2.0), "measured from receipt to the real call");
         assert_eq!(w.connected_after_ms, Some(40.0));
@@ -581,7 +596,7 @@ mod tests {
         let t = Instant::now();
         let mut m = Lifecycle::new(settings(Policy::Immediate), true);
         assert_eq!(m.start(t).len(), 1);
-        m.handle(Input::Connected, t);
+        m.handle(Input::Connected { at: t }, t);
         assert_eq!(m.deadline(), None, "nothing to sleep on while events are pending");
         m.handle(Input::Acked { pending: 0 }, t);
         let at = m.deadline().unwrap();
@@ -603,11 +618,11 @@ mod tests {
     fn crash_with_pending_work_rewakes_and_clean_exit_sleeps() {
         let t = Instant::now();
         let mut m = Lifecycle::new(settings(Policy::Immediate), false);
-        m.handle(Input::Connected, t);
+        m.handle(Input::Connected { at: t }, t);
         m.handle(Input::EventStored { received: t }, t);
         assert_eq!(m.handle(Input::Disconnected, t).len(), 1);
         let mut m = Lifecycle::new(settings(Policy::Immediate), false);
-        m.handle(Input::Connected, t);
+        m.handle(Input::Connected { at: t }, t);
         assert!(m.handle(Input::Disconnected, t).is_empty());
         assert_eq!(m.state(), State::Asleep);
     }

@@ -218,7 +218,7 @@ async fn stream_events(
             }
             sent = last;
             app.metrics.delivered(&timings, agent.note_delivered(sent));
-            agent.input(Input::Delivered { events: timings.len() as u64 });
+            agent.input(Input::Delivered { events: timings.len() as u64, at: std::time::Instant::now() });
         }
         tokio::select! {
             frame = reader.next::<ToProxy>() => match frame? {
