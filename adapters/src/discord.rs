@@ -39,16 +39,14 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::{ChannelSender, ConnectionReporter, EventSink, http_util};
 
 mod ratelimit;
 
-/// WebSocket read/write buffer per gateway (see the module comment).
-const WS_BUFFER: usize = 4096;
 /// Largest gateway message accepted (Discord's READY for big bots is the largest, ~ MBs).
 const MAX_WS_MESSAGE: usize = 16 << 20;
 /// Timeout for the handshake, Hello, and each REST call.
@@ -112,16 +110,6 @@ pub struct ResumeState {
     pub resume_gateway_url: String,
     /// Last sequence whose dispatch was stored (or needed no storing).
     pub seq: u64,
-}
-
-/// The WebSocket limits of every gateway connection (buffers set explicitly).
-pub fn ws_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(WS_BUFFER)
-        .write_buffer_size(WS_BUFFER)
-        .max_write_buffer_size(MAX_WS_MESSAGE)
-        .max_message_size(Some(MAX_WS_MESSAGE))
-        .max_frame_size(Some(MAX_WS_MESSAGE))
 }
 
 /// Runs the bot's gateway session until `shutdown` turns true; resume state is kept through
@@ -302,7 +290,11 @@ impl Gateway {
         let url = format!("{}/?v=10&encoding=json", base.trim_end_matches('/'));
         // Boxed: the handshake future (TLS included) is large, and an idle gateway task should
         // not carry its state for the connection's lifetime.
-        let connect = Box::pin(tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config()), true));
+        let connect = Box::pin(tokio_tungstenite::connect_async_with_config(
+            url.as_str(),
+            Some(http_util::ws_config(MAX_WS_MESSAGE)),
+            true,
+        ));
         let mut ws = match tokio::time::timeout(CALL_TIMEOUT, connect).await {
             Err(_) => return End::Reconnect("gateway handshake timed out".into()),
             Ok(Err(e)) => return End::Reconnect(format!("gateway handshake: {e}")),

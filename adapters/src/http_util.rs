@@ -1,5 +1,6 @@
-//! Small HTTP helpers shared by the platform adapters (Telegram, WhatsApp): JSON error
-//! answers, bounded body reads in both directions, and constant-time secret comparison.
+//! Small HTTP helpers shared by the platform adapters: JSON error answers, bounded body reads
+//! in both directions, constant-time secret comparison, and the WebSocket limits of the held
+//! sockets (Slack, Discord).
 
 use std::time::Duration;
 
@@ -80,6 +81,21 @@ pub(crate) fn echo(s: &str) -> String {
         out.push('…');
     }
     out
+}
+
+/// Read and write buffer of every held WebSocket: tungstenite's default read buffer is
+/// 128 KiB per socket, which would dominate the memory of an idle connection.
+const WS_BUFFER: usize = 4096;
+
+/// The WebSocket limits of a held platform socket: small explicit buffers, and messages and
+/// frames bounded by `max_message` (the platform's largest documented payload).
+pub fn ws_config(max_message: usize) -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(WS_BUFFER)
+        .write_buffer_size(WS_BUFFER)
+        .max_write_buffer_size(max_message)
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message))
 }
 
 #[cfg(test)]

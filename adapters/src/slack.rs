@@ -65,7 +65,6 @@ use sha2::Sha256;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::http_util;
@@ -83,8 +82,6 @@ pub const TIMESTAMP_HEADER: &str = "x-slack-request-timestamp";
 /// Oldest (or most future) request timestamp accepted: Slack's documented replay window.
 pub const SIGNATURE_WINDOW_SECS: u64 = 300;
 
-/// Read and write buffer of each WebSocket (see the module comment).
-const WS_BUFFER: usize = 4096;
 /// Largest WebSocket message accepted (Slack payloads are well under this).
 const MAX_WS_MESSAGE: usize = 4 * 1024 * 1024;
 const BACKOFF_INITIAL: Duration = Duration::from_secs(1);
@@ -227,16 +224,6 @@ impl fmt::Display for OpenError {
     }
 }
 
-/// The WebSocket limits every Slack socket uses (buffers set explicitly; see module comment).
-pub fn ws_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(WS_BUFFER)
-        .write_buffer_size(WS_BUFFER)
-        .max_write_buffer_size(MAX_WS_MESSAGE)
-        .max_message_size(Some(MAX_WS_MESSAGE))
-        .max_frame_size(Some(MAX_WS_MESSAGE))
-}
-
 #[derive(Deserialize)]
 struct OpenAnswer {
     ok: bool,
@@ -268,7 +255,8 @@ async fn open_socket(http: &reqwest::Client, app: &App) -> Result<Ws, OpenError>
             return Err(if is_auth_error(&e) { OpenError::Auth(m) } else { OpenError::Other(m) });
         }
     };
-    let connect = tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config()), true);
+    let connect =
+        tokio_tungstenite::connect_async_with_config(url.as_str(), Some(http_util::ws_config(MAX_WS_MESSAGE)), true);
     match tokio::time::timeout(CALL_TIMEOUT, connect).await {
         Err(_) => Err(OpenError::Other("WebSocket handshake timed out".into())),
         Ok(Err(e)) => Err(OpenError::Other(format!("WebSocket handshake: {e}"))),

@@ -21,6 +21,12 @@ fn bot_section(fake: &FakeDiscord) -> String {
     )
 }
 
+/// The config of every test here: agent "a" (connecting itself) and the fake's bot.
+fn config_for(fake: &FakeDiscord, dir: &std::path::Path, backend: &Backend) -> std::path::PathBuf {
+    let body = format!("{}{}", self_connecting_agent("a"), bot_section(fake));
+    write_config(dir, backend, [0, 0, 0], &body)
+}
+
 fn message(i: u64) -> Value {
     json!({
         "id": format!("{}", 2_000_000_000_000_000_000 + i),
@@ -88,8 +94,7 @@ fn stream(fake: std::sync::Arc<FakeDiscord>, from: u64, n: u64, every: Duration)
 async fn dispatches_are_stored_once_in_order() {
     let fake = FakeDiscord::start(TOKEN, Duration::from_secs(1)).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let body = format!("{}{}", self_connecting_agent("a"), bot_section(&fake));
-    let config = write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &body);
+    let config = config_for(&fake, dir.path(), &Backend::Embedded);
     let proxy = Proxy::start(&config);
     wait_session(&fake, &proxy).await;
 
@@ -131,8 +136,7 @@ async fn dispatches_are_stored_once_in_order() {
 async fn zombie_connection_resumes_without_loss_or_duplicates() {
     let fake = std::sync::Arc::new(FakeDiscord::start(TOKEN, Duration::from_millis(300)).await.unwrap());
     let dir = tempfile::tempdir().unwrap();
-    let body = format!("{}{}", self_connecting_agent("a"), bot_section(&fake));
-    let config = write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &body);
+    let config = config_for(&fake, dir.path(), &Backend::Embedded);
     let proxy = Proxy::start(&config);
     wait_session(&fake, &proxy).await;
 
@@ -156,8 +160,7 @@ async fn zombie_connection_resumes_without_loss_or_duplicates() {
 async fn sigkill_restart_resumes_the_persisted_session() {
     let fake = std::sync::Arc::new(FakeDiscord::start(TOKEN, Duration::from_secs(1)).await.unwrap());
     let dir = tempfile::tempdir().unwrap();
-    let body = format!("{}{}", self_connecting_agent("a"), bot_section(&fake));
-    let config = write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &body);
+    let config = config_for(&fake, dir.path(), &Backend::Embedded);
     let mut proxy = Proxy::start(&config);
     wait_session(&fake, &proxy).await;
     let session = fake.session_id();
@@ -183,8 +186,7 @@ async fn sigkill_restart_resumes_the_persisted_session() {
 async fn invalid_session_reidentifies() {
     let fake = FakeDiscord::start(TOKEN, Duration::from_secs(1)).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let body = format!("{}{}", self_connecting_agent("a"), bot_section(&fake));
-    let config = write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &body);
+    let config = config_for(&fake, dir.path(), &Backend::Embedded);
     let proxy = Proxy::start(&config);
     wait_session(&fake, &proxy).await;
     fake.dispatch("MESSAGE_CREATE", message(0));
@@ -207,8 +209,7 @@ async fn invalid_session_reidentifies() {
 async fn sends_reply_edit_react_and_wait_out_429() {
     let fake = FakeDiscord::start(TOKEN, Duration::from_secs(1)).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let body = format!("{}{}", self_connecting_agent("a"), bot_section(&fake));
-    let config = write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &body);
+    let config = config_for(&fake, dir.path(), &Backend::Embedded);
     let proxy = Proxy::start(&config);
     let agent = proxy.connect("a").await;
     let req = |k: &str, body: &str| SendRequest {
@@ -257,8 +258,7 @@ async fn sends_reply_edit_react_and_wait_out_429() {
 async fn reconnect_request_resumes_without_loss_or_duplicates() {
     let fake = std::sync::Arc::new(FakeDiscord::start(TOKEN, Duration::from_secs(1)).await.unwrap());
     let dir = tempfile::tempdir().unwrap();
-    let body = format!("{}{}", self_connecting_agent("a"), bot_section(&fake));
-    let config = write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &body);
+    let config = config_for(&fake, dir.path(), &Backend::Embedded);
     let proxy = Proxy::start(&config);
     wait_session(&fake, &proxy).await;
     let pusher = stream(fake.clone(), 0, 200, Duration::from_millis(5));
@@ -277,8 +277,7 @@ async fn reconnect_request_resumes_without_loss_or_duplicates() {
 async fn sigkill_while_idle_resumes_and_gets_what_was_missed() {
     let fake = FakeDiscord::start(TOKEN, Duration::from_secs(1)).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let body = format!("{}{}", self_connecting_agent("a"), bot_section(&fake));
-    let config = write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &body);
+    let config = config_for(&fake, dir.path(), &Backend::Embedded);
     let mut proxy = Proxy::start(&config);
     wait_session(&fake, &proxy).await;
     for i in 0..5 {
@@ -309,8 +308,7 @@ async fn store_outage_resumes_from_the_last_stored_sequence() {
     let mut redis = Redis::start();
     let fake = std::sync::Arc::new(FakeDiscord::start(TOKEN, Duration::from_secs(1)).await.unwrap());
     let dir = tempfile::tempdir().unwrap();
-    let body = format!("{}{}", self_connecting_agent("a"), bot_section(&fake));
-    let config = write_config(dir.path(), &Backend::Redis(redis.url()), [0, 0, 0], &body);
+    let config = config_for(&fake, dir.path(), &Backend::Redis(redis.url()));
     let proxy = Proxy::start(&config);
     wait_session(&fake, &proxy).await;
     let pusher = stream(fake.clone(), 0, 150, Duration::from_millis(10));
@@ -354,8 +352,7 @@ async fn sends_wait_for_their_bucket_without_blocking_other_channels() {
     let fake = FakeDiscord::start(TOKEN, Duration::from_secs(1)).await.unwrap();
     fake.set_bucket(3, Duration::from_millis(300));
     let dir = tempfile::tempdir().unwrap();
-    let body = format!("{}{}", self_connecting_agent("a"), bot_section(&fake));
-    let config = write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &body);
+    let config = config_for(&fake, dir.path(), &Backend::Embedded);
     let proxy = Proxy::start(&config);
     let agent = proxy.connect("a").await;
     let started = std::time::Instant::now();
@@ -418,8 +415,7 @@ async fn identify_budget_is_reported_and_counts_down() {
     let fake = FakeDiscord::start(TOKEN, Duration::from_secs(1)).await.unwrap();
     fake.set_session_budget(1000, 40, Duration::from_secs(3600), 1);
     let dir = tempfile::tempdir().unwrap();
-    let body = format!("{}{}", self_connecting_agent("a"), bot_section(&fake));
-    let config = write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &body);
+    let config = config_for(&fake, dir.path(), &Backend::Embedded);
     let proxy = Proxy::start(&config);
     wait_session(&fake, &proxy).await;
     let remaining = |c: &Value| c["details"]["identify_remaining"].as_u64();
@@ -456,8 +452,7 @@ async fn exhausted_identify_budget_is_waited_out_and_explained() {
     let fake = FakeDiscord::start(TOKEN, Duration::from_secs(1)).await.unwrap();
     fake.set_session_budget(1000, 0, Duration::from_secs(3), 1);
     let dir = tempfile::tempdir().unwrap();
-    let body = format!("{}{}", self_connecting_agent("a"), bot_section(&fake));
-    let config = write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &body);
+    let config = config_for(&fake, dir.path(), &Backend::Embedded);
     let proxy = Proxy::start(&config);
     let c = eventually(Duration::from_secs(10), || async {
         let c = channel_info(&proxy).await;

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use super::http::Conn;
-use super::proxy::{CpuMeter, Proxy, agent_section, route_section};
+use super::proxy::{CpuMeter, Proxy, agent_section, delete_matching, route_section, rss_kib};
 use super::{Context, Report, StoreChoice, bounded, histogram, random_hex, record};
 
 /// Parameters of the fleet scenario.
@@ -92,7 +92,7 @@ pub async fn run(ctx: &Context, p: &Params) -> anyhow::Result<Report> {
         Err(e) => Err(e),
     };
     if let StoreChoice::Redis(url) = &ctx.store {
-        let deleted = delete_prefix(url, &prefix).await.context("deleting the run's Redis keys")?;
+        let deleted = delete_matching(url, &format!("c:{{{prefix}*")).await.context("deleting the run's Redis keys")?;
         eprintln!("fleet: deleted {deleted} Redis keys under c:{{{prefix}*");
     }
     result?;
@@ -151,7 +151,7 @@ async fn measure(proxy: &mut Proxy, agents: &[String], p: &Params, report: &mut 
     report.latency("api_agents", &agents_h, None);
     let first = first_stream_message(&client, &format!("http://{}/api/events/stream", proxy.admin)).await?;
     report.figure("stream_first_message_ms", first.as_secs_f64() * 1000.0, "ms");
-    if let Some(kb) = rss_kb(proxy.pid()) {
+    if let Some(kb) = rss_kib(proxy.pid()) {
         report.figure("proxy_rss_mb", kb as f64 / 1024.0, "MB");
     }
     proxy.check_alive()?;
@@ -241,39 +241,6 @@ async fn first_stream_message(client: &reqwest::Client, url: &str) -> anyhow::Re
         anyhow::bail!("the live stream ended before its first message")
     })
     .await
-}
-
-/// Resident set size of `pid` in KiB (`VmRSS` in `/proc/<pid>/status`).
-fn rss_kb(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok()
-}
-
-/// Deletes every key whose agent id starts with `prefix` (keys are `c:{agent}:...`).
-async fn delete_prefix(url: &str, prefix: &str) -> anyhow::Result<u64> {
-    let client = redis::Client::open(url)?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
-    let pattern = format!("c:{{{prefix}*");
-    let mut cursor: u64 = 0;
-    let mut deleted = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(10_000)
-            .query_async(&mut conn)
-            .await?;
-        if !keys.is_empty() {
-            let n: u64 = redis::cmd("UNLINK").arg(&keys).query_async(&mut conn).await?;
-            deleted += n;
-        }
-        if next == 0 {
-            return Ok(deleted);
-        }
-        cursor = next;
-    }
 }
 
 #[cfg(test)]

@@ -96,17 +96,7 @@ fn config(dir: &Path, addr: SocketAddr) -> String {
 impl Drop for Nginx {
     fn drop(&mut self) {
         // SIGTERM to the master is nginx's fast shutdown; it stops its workers.
-        // SAFETY: plain kill(2) on the pid of a child we spawned and have not reaped.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        super::proxy::terminate(&mut self.child, Duration::from_secs(5));
     }
 }
 

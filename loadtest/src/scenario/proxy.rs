@@ -231,21 +231,27 @@ impl Proxy {
     }
 
     fn terminate(&mut self) {
-        if matches!(self.child.try_wait(), Ok(Some(_))) {
+        terminate(&mut self.child, Duration::from_secs(10));
+    }
+}
+
+/// Stops a child we spawned: SIGTERM (a clean shutdown for the proxy and nginx alike), then
+/// SIGKILL if it has not exited within `grace`.
+pub fn terminate(child: &mut std::process::Child, grace: Duration) {
+    if matches!(child.try_wait(), Ok(Some(_))) {
+        return;
+    }
+    // SAFETY: plain kill(2) on the pid of a child we spawned and have not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if matches!(child.try_wait(), Ok(Some(_))) {
             return;
         }
-        // SAFETY: plain kill(2) on the pid of a child we spawned and have not reaped.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        std::thread::sleep(Duration::from_millis(20));
     }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 impl Drop for Proxy {
