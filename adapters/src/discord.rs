@@ -726,7 +726,10 @@ impl DiscordSender {
         json: Option<Value>,
     ) -> SendResult {
         // Sends of one route (channel) go one at a time, in order, each waiting for its bucket.
-        let _turn = self.limits.turn(route).await;
+        let _turn = match self.limits.turn(route).await {
+            Ok(turn) => turn,
+            Err(full) => return SendResult::err("queue_full", full.to_string(), true),
+        };
         for _ in 1..=MAX_SEND_ATTEMPTS {
             let ticket = match self.limits.acquire(route, MAX_RETRY_WAIT).await {
                 Ok(t) => t,

@@ -19,12 +19,14 @@
 //! wrapper sleeps on tokio's clock, so the unit tests run on paused time.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use reqwest::header::HeaderMap;
 use serde_json::Value;
 use tokio::time::Instant;
+
+use crate::pacing::{Limits, Pacer, QueueFull, Turn};
 
 /// How often a request polls while its route's bucket is still being discovered.
 const DISCOVERY_POLL: Duration = Duration::from_millis(20);
@@ -228,11 +230,26 @@ impl State {
     }
 }
 
-/// A bot's limiter: the [`State`] behind a lock plus the per-route send queues.
-#[derive(Default)]
+/// Sends of one bot waiting or running at once before new ones are refused (promise 5).
+const MAX_QUEUED_SENDS: usize = 10_000;
+
+/// A bot's limiter: the [`State`] behind a lock, and the per-route send queues (the shared
+/// [`Pacer`], with no spacing: Discord's buckets do the pacing).
 pub struct Limiter {
     state: Mutex<State>,
-    queues: Mutex<HashMap<Route, Arc<tokio::sync::Mutex<()>>>>,
+    queues: Pacer,
+}
+
+impl Default for Limiter {
+    fn default() -> Self {
+        let limits = Limits {
+            key_interval: Duration::ZERO,
+            call_interval: None,
+            max_queued: MAX_QUEUED_SENDS,
+            max_keys: MAX_ENTRIES,
+        };
+        Limiter { state: Mutex::default(), queues: Pacer::new(limits) }
+    }
 }
 
 /// Permission to send one request; report its answer with [`Ticket::answer`].
@@ -264,16 +281,11 @@ impl Limiter {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Waits for `route`'s turn: sends of one route go one at a time, in arrival order.
-    pub async fn turn(&self, route: &Route) -> tokio::sync::OwnedMutexGuard<()> {
-        let queue = {
-            let mut q = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
-            if q.len() >= MAX_ENTRIES {
-                q.retain(|_, m| Arc::strong_count(m) > 1);
-            }
-            q.entry(route.clone()).or_default().clone()
-        };
-        queue.lock_owned().await
+    /// Waits for `route`'s turn: sends of one route go one at a time, in arrival order;
+    /// refused when [`MAX_QUEUED_SENDS`] are already waiting.
+    pub async fn turn(&self, route: &Route) -> Result<Turn<'_>, QueueFull> {
+        let key = format!("{} {} {}", route.method, route.template, route.major);
+        self.queues.turn(&key, false).await
     }
 
     /// Waits until `route` may send; `Err(wait)` when the next wait alone exceeds `max_wait`
@@ -292,6 +304,8 @@ impl Limiter {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     fn route(method: &'static str, major: &str) -> Route {
@@ -441,19 +455,19 @@ mod tests {
     async fn turns_keep_arrival_order_per_route() {
         let l = Arc::new(Limiter::default());
         let r = route("POST", "1");
-        let first = l.turn(&r).await;
+        let first = l.turn(&r).await.unwrap();
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
         for i in 0..5 {
             let (l, r, order) = (l.clone(), r.clone(), order.clone());
             tasks.push(tokio::spawn(async move {
-                let _t = l.turn(&r).await;
+                let _t = l.turn(&r).await.unwrap();
                 order.lock().unwrap().push(i);
             }));
             tokio::task::yield_now().await;
         }
         // Another channel's turn is not queued behind them.
-        let _other = l.turn(&route("POST", "2")).await;
+        let _other = l.turn(&route("POST", "2")).await.unwrap();
         drop(first);
         for t in tasks {
             t.await.unwrap();
