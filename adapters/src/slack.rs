@@ -12,7 +12,7 @@
 //! only when the write returned is `{"envelope_id": ...}` sent back. A failed write leaves the
 //! envelope unacked; Slack redelivers it (with `retry_attempt`) and the dedupe key
 //! `slack:<team or app>:<event_id>` drops copies already stored. On `disconnect` with
-//! `refresh_requested` or `warning` the replacement socket is opened first and the old one
+//! `refresh_requested` or `warning` the replacement socket is opened first (and its `hello` read) and the old one
 //! closed after, so there is no gap; 30 s of silence is answered with a ping and 60 s drops
 //! the socket (a peer gone without FIN); `link_disabled` stops the loop and is reported as
 //! `disabled`. Other failures reconnect with capped exponential backoff (1 s to 30 s).
@@ -264,6 +264,26 @@ async fn open_socket(http: &reqwest::Client, app: &App) -> Result<Ws, OpenError>
     }
 }
 
+/// Waits (bounded) for a new socket's first message, which Slack makes `hello`.
+async fn await_hello(ws: &mut Ws) -> Result<(), String> {
+    let first = tokio::time::timeout(CALL_TIMEOUT, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => return Ok(t),
+                Some(Ok(Message::Close(_))) | None => return Err("closed before hello".to_string()),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(format!("read before hello: {e}")),
+            }
+        }
+    })
+    .await
+    .map_err(|_| "no hello within the call timeout".to_string())??;
+    match serde_json::from_str::<Value>(first.as_str()) {
+        Ok(v) if v.get("type").and_then(Value::as_str) == Some("hello") => Ok(()),
+        _ => Err("first message was not hello".to_string()),
+    }
+}
+
 fn is_auth_error(e: &str) -> bool {
     matches!(e, "invalid_auth" | "not_authed" | "account_inactive" | "token_revoked" | "not_allowed_token_type")
 }
@@ -437,8 +457,13 @@ async fn read_socket(
                 reason => {
                     // Open the replacement first: no gap in which events have nowhere to go.
                     tracing::info!(app = %app.name, reason = ?reason, "slack asks for a new socket; opening it before closing this one");
+                    // "Open" means Slack said `hello` on it: only then does it deliver there.
                     match open_socket(http, app).await {
-                        Ok(next) => {
+                        Ok(mut next) => {
+                            if let Err(e) = await_hello(&mut next).await {
+                                let _ = ws.close(None).await;
+                                return Ended::Lost(format!("replacement socket: {e}"));
+                            }
                             let _ = ws.close(None).await;
                             ws = next;
                         }
