@@ -587,6 +587,9 @@ impl Store for MeteredStore {
     async fn rewind(&self, agent: &str, to: u64) -> Result<u64, StoreError> {
         self.timed("rewind", agent, self.inner.rewind(agent, to)).await
     }
+    async fn drop_events(&self, agent: &str, offsets: &[u64]) -> Result<u64, StoreError> {
+        self.timed("drop_events", agent, self.inner.drop_events(agent, offsets)).await
+    }
     async fn position(&self, agent: &str) -> Result<Position, StoreError> {
         self.timed("position", agent, self.inner.position(agent)).await
     }

@@ -132,6 +132,12 @@ pub trait Store: Send + Sync + 'static {
     /// events are no longer retained (`retain_acked`). Returns the new cursor.
     async fn rewind(&self, agent: &str, to: u64) -> Result<u64, StoreError>;
 
+    /// Removes the given pending events (operator "drop selected events"): they are never
+    /// delivered, stop counting as pending, and the cursor moves over any run of them right
+    /// after it. Offsets already acked, unknown or dropped before are ignored. Returns how many
+    /// events were dropped now.
+    async fn drop_events(&self, agent: &str, offsets: &[u64]) -> Result<u64, StoreError>;
+
     /// Epoch, cursor and head of an agent's log (creating the epoch on first use).
     async fn position(&self, agent: &str) -> Result<Position, StoreError>;
 

@@ -2,8 +2,13 @@
 //!
 //! Per agent (every key carries the hash tag `{agent}`, so one agent's keys share a Cluster
 //! slot and a script may touch them together):
-//! - `c:{agent}:evt`: a stream; entry id `0-<offset>`, fields `record`, `received_ms`, `size`.
-//! - `c:{agent}:meta`: a hash: `epoch`, `head`, `cursor`, `bytes` (size of pending events).
+//! - `c:{agent}:evt`: a stream; entry id `0-<offset>`, fields `record`, `received_ms`, `size`,
+//!   `cb` (bytes appended before this entry).
+//! - `c:{agent}:meta`: a hash: `epoch`, `head`, `cursor`, `bytes` (size of pending events),
+//!   `appended` (bytes ever appended).
+//! - `c:{agent}:drop`: a sorted set of events an operator dropped while pending (member
+//!   `<offset>:<size>`, score the offset); their stream entries are deleted. Kept while their
+//!   offsets are within the retained range, so pending counts and rewinds can account for them.
 //! - `c:{agent}:dd:<dedupe key>`: the offset an event was stored at, expiring after the
 //!   dedupe TTL.
 //! - `c:{agent}:send:<idempotency key>`: `inflight`, or the postcard-encoded `SendResult`.
@@ -46,36 +51,75 @@ const READYZ_TTL_MS: u64 = 60_000;
 const INFLIGHT: &[u8] = b"inflight";
 
 /// Shared by every script that touches an agent's meta hash: KEYS[1] = meta, KEYS[2] =
-/// stream, ARGV[1] = a fresh random epoch used only if the meta hash does not exist.
+/// stream, KEYS[3] = dropped set, ARGV[1] = a fresh random epoch used only if the meta hash
+/// does not exist.
 const PRELUDE: &str = r#"
 local function id(offset) return string.format('0-%d', offset) end
 local function field(fields, name)
   for i = 1, #fields, 2 do if fields[i] == name then return fields[i + 1] end end
   return nil
 end
+local function offset_of(entry) return tonumber(string.match(entry[1], '%-(%d+)$')) end
 -- Creates the meta hash with a new epoch on first use, or after Redis lost it. If the
 -- stream survived (eviction), offsets continue after its last entry and every surviving
--- entry counts as pending again (at-least-once), so nothing is skipped or overwritten.
+-- entry counts as pending again (at-least-once), so nothing is skipped or overwritten; the
+-- gaps between surviving entries are dropped events, and are recorded as such again.
 local function ensure_meta()
   if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1]) == 0 then return end
+  redis.call('DEL', KEYS[3])
   local head, bytes, cursor, appended = 0, 0, 0, 0
   local entries = redis.call('XRANGE', KEYS[2], '-', '+')
   for i, entry in ipairs(entries) do
-    local offset = tonumber(string.match(entry[1], '%-(%d+)$'))
+    local offset = offset_of(entry)
+    local cb = tonumber(field(entry[2], 'cb') or '0')
     if i == 1 then cursor = offset - 1 end
+    if i > 1 then
+      for gap = head + 1, offset - 1 do
+        -- The whole gap's bytes go to its first offset: sums over the set stay exact.
+        local size = gap == head + 1 and cb - appended or 0
+        redis.call('ZADD', KEYS[3], gap, string.format('%d:%d', gap, size))
+      end
+    end
     head = offset
     local size = tonumber(field(entry[2], 'size') or '0')
     bytes = bytes + size
-    appended = tonumber(field(entry[2], 'cb') or '0') + size
+    appended = cb + size
   end
   redis.call('HSET', KEYS[1], 'head', head, 'cursor', cursor, 'bytes', bytes, 'appended', appended)
 end
+-- Bytes of the dropped events after `offset`.
+local function dropped_bytes_after(offset)
+  local total = 0
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], string.format('(%d', offset), '+inf')) do
+    total = total + tonumber(string.match(member, ':(%d+)$'))
+  end
+  return total
+end
 -- Bytes stored after `offset`: every entry records the bytes appended before it ('cb'), so
--- this is one lookup however many events an ack covers.
+-- this is one lookup however many events an ack covers (plus the dropped ones, usually none).
 local function bytes_after(offset)
   local nxt = redis.call('XRANGE', KEYS[2], id(offset + 1), '+', 'COUNT', 1)
   if #nxt == 0 then return 0 end
-  return tonumber(redis.call('HGET', KEYS[1], 'appended') or '0') - tonumber(field(nxt[1][2], 'cb') or '0')
+  local appended = tonumber(redis.call('HGET', KEYS[1], 'appended') or '0')
+  return appended - tonumber(field(nxt[1][2], 'cb') or '0') - dropped_bytes_after(offset_of(nxt[1]))
+end
+-- The cursor moves over dropped events right after it (nobody will ever ack them): to just
+-- before the next surviving entry, or to head when none survives.
+local function skip_dropped(cursor, head)
+  if redis.call('ZCOUNT', KEYS[3], cursor + 1, cursor + 1) == 0 then return cursor end
+  local nxt = redis.call('XRANGE', KEYS[2], id(cursor + 1), '+', 'COUNT', 1)
+  if #nxt == 0 then return head end
+  return offset_of(nxt[1]) - 1
+end
+-- Trims acked events beyond the retention, and deletes a drained stream: an empty stream
+-- still costs ~4.7 KB. The meta hash stays, so offsets never restart.
+local function trim(cursor, head, retain)
+  if cursor == head and retain == 0 then
+    redis.call('DEL', KEYS[2], KEYS[3])
+  elseif cursor - retain >= 1 then
+    redis.call('XTRIM', KEYS[2], 'MINID', id(cursor - retain + 1))
+    redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', cursor - retain)
+  end
 end
 ensure_meta()
 "#;
@@ -83,7 +127,7 @@ ensure_meta()
 /// Appends a batch of one agent's events in arrival order (group commit: one script call
 /// for every append that queued while the previous call was in flight).
 ///
-/// KEYS[3..] = the dedupe keys of the batch; ARGV[2] = dedupe TTL in ms; then 4 values per
+/// KEYS[4..] = the dedupe keys of the batch; ARGV[2] = dedupe TTL in ms; then 4 values per
 /// event: record, received_ms, size, and the index in KEYS of its dedupe key (0 = none).
 /// Returns a flat array: per event 1 (stored) or 0 (duplicate), then its offset.
 ///
@@ -136,17 +180,11 @@ local head = tonumber(redis.call('HGET', KEYS[1], 'head'))
 local cursor = tonumber(redis.call('HGET', KEYS[1], 'cursor'))
 local target = math.min(tonumber(ARGV[2]), head)
 if target > cursor then
+  target = skip_dropped(target, head)
   redis.call('HSET', KEYS[1], 'cursor', target, 'bytes', bytes_after(target))
   cursor = target
 end
-local retain = tonumber(ARGV[3])
-if cursor == head and retain == 0 then
-  -- Fully drained: an empty stream still costs ~4.7 KB. The meta hash stays, so offsets
-  -- never restart.
-  redis.call('DEL', KEYS[2])
-elseif cursor - retain >= 1 then
-  redis.call('XTRIM', KEYS[2], 'MINID', id(cursor - retain + 1))
-end
+trim(cursor, head, tonumber(ARGV[3]))
 return cursor
 "#;
 
@@ -158,7 +196,8 @@ local target = tonumber(ARGV[2])
 if target > cursor then return {0, cursor} end
 if target == cursor then return {1, cursor} end
 local entries = redis.call('XRANGE', KEYS[2], id(target + 1), id(cursor))
-if #entries ~= cursor - target then return {-1, cursor} end
+local dropped = redis.call('ZCOUNT', KEYS[3], target + 1, cursor)
+if #entries + dropped ~= cursor - target then return {-1, cursor} end
 redis.call('HSET', KEYS[1], 'cursor', target, 'bytes', bytes_after(target))
 return {1, target}
 "#;
@@ -168,13 +207,44 @@ const POSITION: &str = r#"
 return redis.call('HMGET', KEYS[1], 'epoch', 'cursor', 'head')
 "#;
 
-/// Returns {epoch, cursor, head, pending bytes, received_ms of the oldest pending or nil}.
+/// Returns {epoch, cursor, head, pending bytes, dropped pending, received_ms of the oldest
+/// pending or nil}.
 const STATS: &str = r#"
 local m = redis.call('HMGET', KEYS[1], 'epoch', 'cursor', 'head', 'bytes')
 local oldest = false
 local first = redis.call('XRANGE', KEYS[2], id(tonumber(m[2]) + 1), '+', 'COUNT', 1)
 if #first > 0 then oldest = field(first[1][2], 'received_ms') end
-return {m[1], m[2], m[3], m[4], oldest}
+local dropped = redis.call('ZCOUNT', KEYS[3], '(' .. m[2], '+inf')
+return {m[1], m[2], m[3], m[4], dropped, oldest}
+"#;
+
+/// ARGV[2] = retain_acked, ARGV[3..] = offsets to drop. Returns {dropped now, new cursor}.
+const DROP: &str = r#"
+local head = tonumber(redis.call('HGET', KEYS[1], 'head'))
+local cursor = tonumber(redis.call('HGET', KEYS[1], 'cursor'))
+local dropped, freed = 0, 0
+for i = 3, #ARGV do
+  local offset = tonumber(ARGV[i])
+  if offset and offset > cursor and offset <= head then
+    local entry = redis.call('XRANGE', KEYS[2], id(offset), id(offset))
+    if #entry == 1 then
+      local size = tonumber(field(entry[1][2], 'size') or '0')
+      redis.call('XDEL', KEYS[2], id(offset))
+      redis.call('ZADD', KEYS[3], offset, string.format('%d:%d', offset, size))
+      dropped, freed = dropped + 1, freed + size
+    end
+  end
+end
+if dropped > 0 then
+  redis.call('HINCRBY', KEYS[1], 'bytes', -freed)
+  local moved = skip_dropped(cursor, head)
+  if moved ~= cursor then
+    redis.call('HSET', KEYS[1], 'cursor', moved)
+    cursor = moved
+  end
+  trim(cursor, head, tonumber(ARGV[2]))
+end
+return {dropped, cursor}
 "#;
 
 /// KEYS[1] = send key, ARGV[1] = TTL in ms. Returns nil when claimed, else the key's value.
@@ -190,6 +260,7 @@ struct Scripts {
     rewind: Script,
     position: Script,
     stats: Script,
+    drop: Script,
     claim: Script,
 }
 
@@ -202,6 +273,7 @@ impl Scripts {
             rewind: with_prelude(REWIND),
             position: with_prelude(POSITION),
             stats: with_prelude(STATS),
+            drop: with_prelude(DROP),
             claim: Script::new(CLAIM),
         }
     }
@@ -357,12 +429,12 @@ async fn commit_batch(conn: &mut ConnectionManager, script: &Script, ttl: u64, b
     let keys = AgentKeys::new(&agent);
     let dedupe_keys: Vec<String> =
         batch.iter().filter_map(|j| j.dedupe_key.as_deref()).map(|d| keys.dedupe(d)).collect();
-    let mut key_list = Vec::with_capacity(2 + dedupe_keys.len());
-    key_list.extend([keys.meta.as_str(), keys.evt.as_str()]);
+    let mut key_list = Vec::with_capacity(3 + dedupe_keys.len());
+    key_list.extend(keys.log());
     key_list.extend(dedupe_keys.iter().map(String::as_str));
     let reply: Result<Vec<u64>, _> = eval(conn, script, &key_list, |c| {
         c.arg(new_epoch()).arg(ttl);
-        let mut next_key = 3;
+        let mut next_key = 4;
         for job in &batch {
             c.arg(&job.record).arg(job.received_at_ms).arg(job.size);
             if job.dedupe_key.is_some() {
@@ -434,7 +506,7 @@ impl Store for RedisStore {
 
     async fn ack(&self, agent: &str, up_to: u64) -> Result<u64, StoreError> {
         let keys = AgentKeys::new(agent);
-        self.eval(&self.scripts.ack, &[keys.meta.as_str(), keys.evt.as_str()], |c| {
+        self.eval(&self.scripts.ack, &keys.log(), |c| {
             c.arg(new_epoch()).arg(up_to).arg(self.opts.retain_acked);
         })
         .await
@@ -444,7 +516,7 @@ impl Store for RedisStore {
     async fn rewind(&self, agent: &str, to: u64) -> Result<u64, StoreError> {
         let keys = AgentKeys::new(agent);
         let (status, cursor): (i64, u64) = self
-            .eval(&self.scripts.rewind, &[keys.meta.as_str(), keys.evt.as_str()], |c| {
+            .eval(&self.scripts.rewind, &keys.log(), |c| {
                 c.arg(new_epoch()).arg(to);
             })
             .await
@@ -461,10 +533,24 @@ impl Store for RedisStore {
         }
     }
 
+    async fn drop_events(&self, agent: &str, offsets: &[u64]) -> Result<u64, StoreError> {
+        if offsets.is_empty() {
+            return Ok(0);
+        }
+        let keys = AgentKeys::new(agent);
+        let (dropped, _cursor): (u64, u64) = self
+            .eval(&self.scripts.drop, &keys.log(), |c| {
+                c.arg(new_epoch()).arg(self.opts.retain_acked).arg(offsets);
+            })
+            .await
+            .map_err(|e| unavailable("drop_events", agent, e))?;
+        Ok(dropped)
+    }
+
     async fn position(&self, agent: &str) -> Result<Position, StoreError> {
         let keys = AgentKeys::new(agent);
         let (epoch, cursor, head): (u64, u64, u64) = self
-            .eval(&self.scripts.position, &[keys.meta.as_str(), keys.evt.as_str()], |c| {
+            .eval(&self.scripts.position, &keys.log(), |c| {
                 c.arg(new_epoch());
             })
             .await
@@ -474,14 +560,15 @@ impl Store for RedisStore {
 
     async fn stats(&self, agent: &str) -> Result<Stats, StoreError> {
         let keys = AgentKeys::new(agent);
-        let (epoch, cursor, head, pending_bytes, oldest_pending_ms): (u64, u64, u64, u64, Option<u64>) = self
-            .eval(&self.scripts.stats, &[keys.meta.as_str(), keys.evt.as_str()], |c| {
+        type Reply = (u64, u64, u64, u64, u64, Option<u64>);
+        let (epoch, cursor, head, pending_bytes, dropped, oldest_pending_ms): Reply = self
+            .eval(&self.scripts.stats, &keys.log(), |c| {
                 c.arg(new_epoch());
             })
             .await
             .map_err(|e| unavailable("stats", agent, e))?;
         Ok(Stats {
-            pending: head.saturating_sub(cursor),
+            pending: head.saturating_sub(cursor).saturating_sub(dropped),
             pending_bytes,
             oldest_pending_ms,
             position: Position { epoch, cursor, head },
@@ -594,6 +681,7 @@ struct AgentKeys {
     prefix: String,
     meta: String,
     evt: String,
+    drop: String,
 }
 
 impl AgentKeys {
@@ -609,7 +697,12 @@ impl AgentKeys {
         prefix.push_str("c:{");
         escape_agent_into(agent, &mut prefix);
         prefix.push_str("}:");
-        Self { meta: with("meta", &prefix), evt: with("evt", &prefix), prefix }
+        Self { meta: with("meta", &prefix), evt: with("evt", &prefix), drop: with("drop", &prefix), prefix }
+    }
+
+    /// The keys every log script declares (KEYS[1..=3]), so a Cluster routes it to their slot.
+    fn log(&self) -> [&str; 3] {
+        [self.meta.as_str(), self.evt.as_str(), self.drop.as_str()]
     }
 
     fn dedupe(&self, key: &str) -> String {

@@ -54,6 +54,11 @@ CREATE TABLE IF NOT EXISTS events (
     size        INTEGER NOT NULL,
     PRIMARY KEY (agent, offset)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dropped (
+    agent  TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    PRIMARY KEY (agent, offset)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dedupe (
     agent      TEXT NOT NULL,
     key        TEXT NOT NULL,
@@ -282,14 +287,13 @@ impl Store for SqliteStore {
             let row = ensure_agent(conn, &agent)?;
             let (head, cursor) = (sql_int(row.head), sql_int(row.cursor));
             // Never backwards, never past head.
-            let new_cursor = up_to.min(head).max(cursor);
+            let mut new_cursor = up_to.min(head).max(cursor);
             if new_cursor != cursor {
+                new_cursor = skip_dropped(conn, &agent, new_cursor, head)?;
                 conn.prepare_cached("UPDATE agents SET cursor = ?2 WHERE agent = ?1")?
                     .execute(params![agent, new_cursor])?;
             }
-            // Keep the last `retain` acked events (offsets new_cursor - retain + 1 ..= new_cursor).
-            conn.prepare_cached("DELETE FROM events WHERE agent = ?1 AND offset <= ?2")?
-                .execute(params![agent, new_cursor.saturating_sub(retain)])?;
+            trim(conn, &agent, new_cursor, retain)?;
             Ok(new_cursor as u64)
         })
         .await
@@ -307,15 +311,51 @@ impl Store for SqliteStore {
             if to == cursor {
                 return Ok(cursor);
             }
+            let range = params![agent, sql_int(to), sql_int(cursor)];
             let retained: i64 = conn
                 .prepare_cached("SELECT COUNT(*) FROM events WHERE agent = ?1 AND offset > ?2 AND offset <= ?3")?
-                .query_row(params![agent, sql_int(to), sql_int(cursor)], |r| r.get(0))?;
-            if retained as u64 != cursor - to {
+                .query_row(range, |r| r.get(0))?;
+            let dropped: i64 = conn
+                .prepare_cached("SELECT COUNT(*) FROM dropped WHERE agent = ?1 AND offset > ?2 AND offset <= ?3")?
+                .query_row(range, |r| r.get(0))?;
+            if (retained + dropped) as u64 != cursor - to {
                 return Err(not_retained(&agent, to, cursor));
             }
             conn.prepare_cached("UPDATE agents SET cursor = ?2 WHERE agent = ?1")?
                 .execute(params![agent, sql_int(to)])?;
             Ok(to)
+        })
+        .await
+    }
+
+    async fn drop_events(&self, agent: &str, offsets: &[u64]) -> Result<u64, StoreError> {
+        if offsets.is_empty() {
+            return Ok(0);
+        }
+        let agent = agent.to_owned();
+        let offsets: Vec<i64> = offsets.iter().map(|&o| sql_int(o)).collect();
+        let retain = sql_int(self.opts.retain_acked);
+        self.write(move |conn| {
+            let row = ensure_agent(conn, &agent)?;
+            let (head, cursor) = (sql_int(row.head), sql_int(row.cursor));
+            let mut dropped = 0;
+            for &offset in offsets.iter().filter(|&&o| o > cursor && o <= head) {
+                let removed = conn
+                    .prepare_cached("DELETE FROM events WHERE agent = ?1 AND offset = ?2")?
+                    .execute(params![agent, offset])?;
+                if removed == 1 {
+                    conn.prepare_cached("INSERT INTO dropped (agent, offset) VALUES (?1, ?2)")?
+                        .execute(params![agent, offset])?;
+                    dropped += 1;
+                }
+            }
+            let new_cursor = skip_dropped(conn, &agent, cursor, head)?;
+            if new_cursor != cursor {
+                conn.prepare_cached("UPDATE agents SET cursor = ?2 WHERE agent = ?1")?
+                    .execute(params![agent, new_cursor])?;
+                trim(conn, &agent, new_cursor, retain)?;
+            }
+            Ok(dropped)
         })
         .await
     }
@@ -585,20 +625,45 @@ fn ensure_agent(conn: &Connection, agent: &str) -> Result<Position, StoreError> 
     Ok(Position { epoch, cursor: 0, head: 0 })
 }
 
+/// The cursor moves over dropped events right after it (nobody will ever ack them): to just
+/// before the next surviving event, or to head when none survives.
+fn skip_dropped(conn: &Connection, agent: &str, cursor: i64, head: i64) -> Result<i64, StoreError> {
+    let next_dropped = conn
+        .prepare_cached("SELECT 1 FROM dropped WHERE agent = ?1 AND offset = ?2")?
+        .exists(params![agent, cursor + 1])?;
+    if !next_dropped {
+        return Ok(cursor);
+    }
+    let next: Option<i64> = conn
+        .prepare_cached("SELECT MIN(offset) FROM events WHERE agent = ?1 AND offset > ?2")?
+        .query_row(params![agent, cursor], |r| r.get(0))?;
+    Ok(next.map_or(head, |n| n - 1))
+}
+
+/// Keeps the last `retain` acked events (offsets cursor - retain + 1 ..= cursor) and forgets
+/// the dropped offsets below them.
+fn trim(conn: &Connection, agent: &str, cursor: i64, retain: i64) -> Result<(), StoreError> {
+    let below = cursor.saturating_sub(retain);
+    conn.prepare_cached("DELETE FROM events WHERE agent = ?1 AND offset <= ?2")?.execute(params![agent, below])?;
+    conn.prepare_cached("DELETE FROM dropped WHERE agent = ?1 AND offset <= ?2")?.execute(params![agent, below])?;
+    Ok(())
+}
+
 /// Pending count, bytes and oldest pending timestamp, or `None` for an unknown agent.
 fn read_stats(conn: &Connection, agent: &str) -> Result<Option<Stats>, StoreError> {
     let Some(position) = load_agent(conn, agent)? else {
         return Ok(None);
     };
-    let (pending_bytes, oldest): (i64, Option<i64>) = conn
+    let (pending, pending_bytes, oldest): (i64, i64, Option<i64>) = conn
         .prepare_cached(
-            "SELECT COALESCE(SUM(size), 0),
+            "SELECT COUNT(*), COALESCE(SUM(size), 0),
                     (SELECT received_ms FROM events WHERE agent = ?1 AND offset > ?2 ORDER BY offset LIMIT 1)
              FROM events WHERE agent = ?1 AND offset > ?2",
         )?
-        .query_row(params![agent, sql_int(position.cursor)], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        .query_row(params![agent, sql_int(position.cursor)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
     Ok(Some(Stats {
-        pending: position.head.saturating_sub(position.cursor),
+        // Counted, not head - cursor: events an operator dropped are gone from the table.
+        pending: pending as u64,
         pending_bytes: pending_bytes as u64,
         oldest_pending_ms: oldest.map(|t| t as u64),
         position,

@@ -148,6 +148,7 @@ macro_rules! suite_tests {
                 ack_clamps_and_stats_track_exactly,
                 retention_keeps_exactly_retain_acked,
                 rewind_redelivers_retained_events_only,
+                dropped_events_are_skipped_and_stop_counting,
                 drained_log_keeps_counting,
                 agents_are_isolated_even_with_odd_ids,
                 send_claims_per_agent,
@@ -350,6 +351,47 @@ mod suite {
         assert_eq!(again, vec![3, 4, 5], "rewound events are readable again");
         assert_eq!(h.store.ack(&a, 5).await.unwrap(), 5, "acking after a rewind works as usual");
         assert_eq!(h.store.stats(&a).await.unwrap().pending_bytes, 0);
+        h.cleanup().await;
+    }
+
+    pub async fn dropped_events_are_skipped_and_stop_counting(make: Make) {
+        let h = make(StoreOptions { retain_acked: 10, ..StoreOptions::default() }).await;
+        let a = h.agent("a");
+        let events: Vec<EventData> =
+            (1..=6u64).map(|i| event_at(&a, None, &"x".repeat(i as usize * 10), 1_000 * i)).collect();
+        for e in &events {
+            h.store.append(e).await.unwrap();
+        }
+        let size = |offsets: &[usize]| offsets.iter().map(|&o| events[o - 1].size_hint() as u64).sum::<u64>();
+        let stats = |s: concierge_store::Stats| (s.pending, s.pending_bytes, s.oldest_pending_ms, s.position.cursor);
+
+        // Unknown and repeated offsets are ignored.
+        assert_eq!(h.store.drop_events(&a, &[2, 4, 4, 9]).await.unwrap(), 2);
+        assert_eq!(offsets(&*h.store, &a).await, vec![1, 3, 5, 6], "dropped events are never read again");
+        assert_eq!(stats(h.store.stats(&a).await.unwrap()), (4, size(&[1, 3, 5, 6]), Some(1_000), 0));
+
+        assert_eq!(h.store.ack(&a, 1).await.unwrap(), 2, "the cursor moves over a dropped event after it");
+        assert_eq!(stats(h.store.stats(&a).await.unwrap()), (3, size(&[3, 5, 6]), Some(3_000), 2));
+
+        assert_eq!(h.store.drop_events(&a, &[3]).await.unwrap(), 1);
+        assert_eq!(
+            stats(h.store.stats(&a).await.unwrap()),
+            (2, size(&[5, 6]), Some(5_000), 4),
+            "dropping the next pending event moves the cursor over it and the dropped 4"
+        );
+        assert_eq!(h.store.drop_events(&a, &[1, 2, 3]).await.unwrap(), 0, "acked or dropped already");
+
+        assert_eq!(h.store.rewind(&a, 0).await.unwrap(), 0, "a rewind may cross dropped events");
+        assert_eq!(stats(h.store.stats(&a).await.unwrap()), (3, size(&[1, 5, 6]), Some(1_000), 0));
+        let again: Vec<u64> = h.store.read(&a, 0, 10).await.unwrap().iter().map(|e| e.offset).collect();
+        assert_eq!(again, vec![1, 5, 6]);
+        assert_eq!(h.store.ack(&a, 1).await.unwrap(), 4);
+
+        assert_eq!(h.store.drop_events(&a, &[5, 6]).await.unwrap(), 2);
+        assert_eq!(stats(h.store.stats(&a).await.unwrap()), (0, 0, None, 6), "all pending dropped: drained");
+        assert_eq!(h.store.append(&event(&a, None, "seven")).await.unwrap(), Appended::Stored(7));
+        assert_eq!(h.store.read(&a, 6, 10).await.unwrap().len(), 1);
+        assert_eq!(h.store.stats(&a).await.unwrap().pending, 1);
         h.cleanup().await;
     }
 
@@ -899,6 +941,39 @@ async fn redis_lost_meta_with_surviving_stream_redelivers_instead_of_overwriting
     let _: () = redis::cmd("DEL")
         .arg(format!("c:{{{agent}}}:meta"))
         .arg(format!("c:{{{agent}}}:evt"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
+/// Dropped events leave gaps in the stream; when the meta hash is lost those gaps are
+/// recognised again, so the rebuilt pending count and bytes are exact.
+#[tokio::test]
+async fn redis_lost_meta_with_dropped_events_counts_exactly() {
+    let url = shared_redis_url();
+    let store = RedisStore::connect(&url, StoreOptions::default()).await.unwrap();
+    let agent = random_prefix();
+    let sent: Vec<EventData> = (1..=4).map(|i| event(&agent, None, &"y".repeat(i * 7))).collect();
+    for e in &sent {
+        store.append(e).await.unwrap();
+    }
+    assert_eq!(store.drop_events(&agent, &[2]).await.unwrap(), 1);
+    let mut conn = raw_redis(&url).await;
+    let _: () = redis::cmd("DEL")
+        .arg(format!("c:{{{agent}}}:meta"))
+        .arg(format!("c:{{{agent}}}:drop"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let stats = store.stats(&agent).await.unwrap();
+    assert_eq!((stats.position.cursor, stats.position.head, stats.pending), (0, 4, 3));
+    assert_eq!(stats.pending_bytes, (sent[0].size_hint() + sent[2].size_hint() + sent[3].size_hint()) as u64);
+    assert_eq!(store.ack(&agent, 1).await.unwrap(), 2, "the rebuilt gap is a dropped event");
+    assert_eq!(store.stats(&agent).await.unwrap().pending_bytes, (sent[2].size_hint() + sent[3].size_hint()) as u64);
+    let _: () = redis::cmd("DEL")
+        .arg(format!("c:{{{agent}}}:meta"))
+        .arg(format!("c:{{{agent}}}:evt"))
+        .arg(format!("c:{{{agent}}}:drop"))
         .query_async(&mut conn)
         .await
         .unwrap();
