@@ -73,6 +73,14 @@ impl EventSink for App {
             )));
         }
         let span = tracing::info_span!("ingest", agent = %event.agent, channel = kind, route = name, offset = Empty);
+        let mut event = event;
+        if crate::otlp::exporting()
+            && let Some(traceparent) = crate::otlp::traceparent(&span)
+        {
+            // Stored with the event: the replay span links to it, even after a restart.
+            event.meta.push((crate::otlp::TRACEPARENT.to_owned(), traceparent));
+        }
+        let (kind, name) = (event.channel.kind.as_str(), event.channel.name.as_str());
         let started = std::time::Instant::now();
         let result = self.store.append(&event).instrument(span.clone()).await;
         let outcome = match &result {

@@ -9,6 +9,7 @@ pub mod dashboard;
 pub mod fleet;
 pub mod lifecycle;
 pub mod metrics;
+pub mod otlp;
 pub mod outbound;
 pub mod session;
 pub mod wake;

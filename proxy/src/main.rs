@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use concierge_proxy::otlp;
 
-mod otlp;
 
 /// Concierge: an always-on proxy that lets AI agents sleep without missing a message.
 #[derive(Parser)]

@@ -194,6 +194,7 @@ async fn stream_events(
     loop {
         // Fill the window from the log (nothing while an operator paused delivery).
         while !draining && !*paused.borrow_and_update() && sent < *head.borrow_and_update() && sent - acked < window {
+            let head_seen = *head.borrow();
             let room = (window - (sent - acked)).min(MAX_BATCH as u64) as usize;
             // Replay span: its agent + offset range links it to the ingest spans of those offsets.
             let span = tracing::debug_span!("replay", agent = agent.id(), session, from = sent + 1, to = Empty);
@@ -201,8 +202,16 @@ async fn stream_events(
                 Some(batch) => batch,
                 None => read_batch(app, agent.id(), sent, room).instrument(span.clone()).await?,
             };
-            let Some(last) = events.last().map(|e| e.offset) else { break };
+            let Some(last) = events.last().map(|e| e.offset) else {
+                // Everything after `sent` was dropped by an operator: nothing to deliver
+                // until the head moves (the agent's next ack moves the cursor over them).
+                sent = sent.max(head_seen);
+                break;
+            };
             span.record("to", last);
+            if crate::otlp::exporting() {
+                link_to_ingest(&span, &events);
+            }
             let timings: Vec<(u64, u64)> = events.iter().map(|e| (e.offset, e.received_at_ms)).collect();
             let next_room = (window.saturating_sub(last - acked)).min(MAX_BATCH as u64) as usize;
             let frame = ToAgent::Deliver { events };
@@ -271,6 +280,16 @@ async fn persist_acks(app: &App, agent: &AgentRuntime, mut acks: watch::Receiver
     }
     // The session is ending; it flushes the last ack itself.
     std::future::pending().await
+}
+
+/// Links the replay span to the ingest span of each event (the `traceparent` stored in its
+/// meta). Decodes every record, so it runs only while spans are exported.
+fn link_to_ingest(span: &tracing::Span, events: &[EventRecord]) {
+    let decoded: Vec<_> = events.iter().filter_map(|e| e.decode().ok()).collect();
+    let traceparents = decoded
+        .iter()
+        .filter_map(|e| e.data.meta.iter().find(|(k, _)| k == crate::otlp::TRACEPARENT).map(|(_, v)| v.as_str()));
+    crate::otlp::link_to_ingest(span, traceparents);
 }
 
 /// Reads up to `room` events after `after`, capped so the frame stays under the ceiling.

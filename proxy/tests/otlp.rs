@@ -50,6 +50,37 @@ impl Collector {
     }
 }
 
+/// One exported span, as the collector decoded it.
+struct Exported {
+    name: String,
+    trace_id: Vec<u8>,
+    span_id: Vec<u8>,
+    /// (trace id, span id) of each link.
+    links: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Collector {
+    /// Every span exported so far, decoded from the OTLP protobuf bodies.
+    fn spans(&self) -> Vec<Exported> {
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        use prost::Message as _;
+        let bodies = self.bodies.lock().unwrap().clone();
+        let mut spans = Vec::new();
+        for body in bodies {
+            let request = ExportTraceServiceRequest::decode(body.as_slice()).expect("exports are valid OTLP protobuf");
+            for span in request.resource_spans.into_iter().flat_map(|r| r.scope_spans).flat_map(|s| s.spans) {
+                spans.push(Exported {
+                    name: span.name,
+                    trace_id: span.trace_id,
+                    span_id: span.span_id,
+                    links: span.links.into_iter().map(|l| (l.trace_id, l.span_id)).collect(),
+                });
+            }
+        }
+        spans
+    }
+}
+
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -120,4 +151,48 @@ async fn nothing_is_exported_without_the_switch() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(proxy.terminate().success(), "clean exit; log:\n{}", proxy.log());
     assert_eq!(collector.requests(), 0, "spans were exported although [telemetry] is not configured");
+}
+
+/// Replay links to ingest: each stored event carries its ingest span's `traceparent` (the
+/// agent sees it in `meta`), and the replay span that delivers it links to that span.
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_spans_link_to_the_ingest_spans_of_their_events() {
+    let collector = Collector::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let telemetry = format!("[telemetry]\notlp_endpoint = \"http://{}\"\n", collector.addr);
+    let mut proxy = Proxy::start_with_env(&config(dir.path(), &telemetry), &[("OTEL_BSP_SCHEDULE_DELAY", "200")]);
+    for i in 0..3 {
+        post_one(&proxy, &format!("m{i}")).await;
+    }
+    let mut client = proxy.connect("a").await;
+    let events = receive_n(&mut client, 3, Duration::from_secs(10)).await;
+    let traceparents: Vec<String> = events
+        .iter()
+        .map(|e| {
+            let found = e.data.meta.iter().find(|(k, _)| k == "traceparent");
+            found.unwrap_or_else(|| panic!("event {} has no traceparent in meta: {:?}", e.offset, e.data.meta)).1.clone()
+        })
+        .collect();
+
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let linked = eventually(Duration::from_secs(10), || async {
+        let spans = collector.spans();
+        let ingests: Vec<&Exported> = spans.iter().filter(|s| s.name == "ingest").collect();
+        let links: Vec<&(Vec<u8>, Vec<u8>)> =
+            spans.iter().filter(|s| s.name == "replay").flat_map(|s| s.links.iter()).collect();
+        let all_linked = ingests.len() == 3
+            && ingests.iter().all(|i| links.iter().any(|(t, s)| *t == i.trace_id && *s == i.span_id));
+        all_linked.then(|| ingests.iter().map(|i| format!("00-{}-{}-01", hex(&i.trace_id), hex(&i.span_id))).collect())
+    })
+    .await;
+    let Some(mut expected): Option<Vec<String>> = linked else {
+        let names: Vec<String> = collector.spans().iter().map(|s| format!("{} ({} links)", s.name, s.links.len())).collect();
+        panic!("no replay span linked to all 3 ingest spans within 10s; exported: {names:?}; log:\n{}", proxy.log());
+    };
+    let mut got = traceparents;
+    expected.sort();
+    got.sort();
+    assert_eq!(got, expected, "each event carries the traceparent of its own ingest span");
+    drop(client);
+    assert!(proxy.terminate().success(), "clean exit; log:\n{}", proxy.log());
 }
