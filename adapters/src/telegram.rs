@@ -11,6 +11,10 @@
 //! when all of them are stored does the next call carry `offset = max(update_id) + 1`, which
 //! is what confirms them to Telegram. If a write fails the offset stays, Telegram returns the
 //! same updates again and the dedupe key `tg:<bot id>:<update_id>` drops those already stored.
+//! An update that is not one of Telegram's shapes (no `update_id`, a message without a chat,
+//! ...) is stored too, as meta `kind = malformed` with the error, logged, and named in the
+//! poller's last error; the offset still passes its id, so one bad update never blocks or
+//! loops the batch. The long-poll `timeout` is at least 1 s (0 would spin on an idle bot).
 //! Errors back off exponentially (1 s to 60 s); `409 Conflict` (another poller, or a webhook is
 //! set) is logged as an error and retried only every 30 s; `401`/`404` (bad token) every 5
 //! minutes. Every state change (`starting`, `polling`, `backoff`, `conflict`, `unauthorized`,
@@ -19,7 +23,9 @@
 //!
 //! **Webhook mode.** `POST /telegram/{bot}`: the `X-Telegram-Bot-Api-Secret-Token` header is
 //! compared in constant time (401 otherwise), the body bounded (413), the update stored, and
-//! only then 200. A store failure is 503 and Telegram retries.
+//! only then 200. A store failure is 503 and Telegram retries. A malformed update is stored as
+//! `kind = malformed` and answered 200 with its error: a non-2xx would only make Telegram
+//! redeliver the same bad bytes until it gives up, holding back the updates behind it.
 //!
 //! **Sends.** The agent's `SendRequest.body` is plain text (a `sendMessage` to the
 //! conversation) or a JSON object `{"method": "...", ...parameters}` for any method in
@@ -29,6 +35,10 @@
 //! (at most `bot_rate` calls per second) by the shared [`crate::pacing`], so a burst is slowed,
 //! never dropped; a `429` waits `parameters.retry_after` inside the chat's turn and tries again
 //! (a 429 means nothing was sent).
+//!
+//! `SendRequest.reply_to` (the *offset* of the event answered) is not used: a sender has no
+//! access to the store to map it to a Telegram `message_id`. Agents reply with a JSON body's
+//! `reply_parameters.message_id`, taken from the event's meta `message_id`.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -45,6 +55,7 @@ use concierge_protocol::{Attachment, ChannelRef, EventData, SendRequest, SendRes
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::http_util;
@@ -103,6 +114,8 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 const MAX_QUEUED_SENDS: usize = 10_000;
 /// Per-chat pacing entries kept before idle ones are pruned (see [`crate::pacing`]).
 const MAX_CHAT_ENTRIES: usize = 4096;
+/// Longest parse error kept in a malformed event's meta.
+const MAX_ERROR_LEN: usize = 200;
 
 /// One bot's identity: the config name, its agent, and where its API is.
 #[derive(Clone)]
@@ -311,9 +324,14 @@ impl Backoff {
     }
     /// The delay to wait now, with ±20 % jitter so many bots do not retry in lockstep.
     fn next(&mut self) -> Duration {
+        self.next_jittered(rand::random::<f64>())
+    }
+    /// [`Backoff::next`] with the random draw `r` in `[0, 1)` given: the base delay doubles
+    /// from 1 s up to 60 s, and the result is that base times `0.8 + 0.4 r`.
+    fn next_jittered(&mut self, r: f64) -> Duration {
         let d = self.next;
         self.next = (self.next * 2).min(BACKOFF_MAX);
-        d.mul_f64(0.8 + rand::random::<f64>() * 0.4)
+        d.mul_f64(0.8 + r.clamp(0.0, 1.0) * 0.4)
     }
 }
 
@@ -361,7 +379,8 @@ async fn poll_loop(
         let params = GetUpdates {
             offset,
             limit: POLL_LIMIT,
-            timeout: options.timeout.as_secs(),
+            // Never 0: a short poll returns at once on an idle bot and the loop would spin.
+            timeout: options.timeout.as_secs().max(1),
             allowed_updates: &options.allowed_updates,
         };
         let polled = tokio::select! {
@@ -377,16 +396,19 @@ async fn poll_loop(
                 None
             }
             Ok(updates) => match store_batch(&bot, &updates, sink.as_ref()).await {
-                Ok(Some(next)) => {
+                Ok(Batch { next_offset: Some(next), malformed }) => {
                     backoff.reset();
                     offset = Some(next);
-                    status.set("polling", None);
+                    // Shown as the connection's last error on the admin API until a newer one.
+                    status.set("polling", malformed_report(&malformed));
                     None
                 }
-                Ok(None) => {
-                    // Updates without an update_id can never be confirmed; do not spin on them.
-                    tracing::error!(bot = %bot.name, "getUpdates returned updates without update_id");
-                    status.set("backoff", Some("getUpdates returned updates without update_id".into()));
+                Ok(Batch { next_offset: None, malformed }) => {
+                    // Updates without an update_id are stored (as malformed, deduplicated by
+                    // their bytes) but can never be confirmed; back off rather than spin.
+                    tracing::error!(bot = %bot.name, "getUpdates returned only updates without update_id");
+                    let why = malformed_report(&malformed).unwrap_or_default();
+                    status.set("backoff", Some(format!("no update of the batch has an update_id; {why}")));
                     Some(backoff.next())
                 }
                 Err(e) => {
@@ -435,20 +457,48 @@ fn poll_error_delay(bot: &Bot, e: &ApiError, backoff: &mut Backoff) -> (&'static
     }
 }
 
-/// Stores a batch in order; returns the next offset, `None` if no update had an id. Any sink
-/// failure stops the batch: the offset must not move past it.
-async fn store_batch(bot: &Bot, updates: &[Box<RawValue>], sink: &dyn EventSink) -> Result<Option<i64>, SinkError> {
+/// What storing one `getUpdates` batch found.
+#[derive(Debug, PartialEq)]
+struct Batch {
+    /// `max(update_id) + 1`, `None` if no update had an id.
+    next_offset: Option<i64>,
+    /// `update <id>: <error>` for each update stored as `kind = malformed`.
+    malformed: Vec<String>,
+}
+
+/// Stores a batch in order, malformed updates included (as `kind = malformed`, so one bad
+/// update neither blocks the batch nor is lost). Any sink failure stops the batch: the offset
+/// must not move past it.
+async fn store_batch(bot: &Bot, updates: &[Box<RawValue>], sink: &dyn EventSink) -> Result<Batch, SinkError> {
     let mut max_id: Option<i64> = None;
+    let mut malformed = Vec::new();
     for raw in updates {
-        match update_event(bot, raw.get(), now_ms()) {
-            Ok((id, event)) => {
-                sink.ingest(event).await?;
-                max_id = Some(max_id.map_or(id, |m| m.max(id)));
+        let (id, event) = match update_event(bot, raw.get(), now_ms()) {
+            Ok((id, event)) => (Some(id), event),
+            Err(e) => {
+                let (id, event) = malformed_event(bot, raw.get().as_bytes(), &e, now_ms());
+                let at = id.map_or_else(|| "without update_id".to_string(), |id| id.to_string());
+                tracing::warn!(bot = %bot.name, update = %at, error = %e, "malformed telegram update; stored as kind=malformed");
+                malformed.push(format!("update {at}: {e}"));
+                (id, event)
             }
-            Err(e) => tracing::error!(bot = %bot.name, error = %e, "skipping a malformed telegram update"),
+        };
+        sink.ingest(event).await?;
+        if let Some(id) = id {
+            max_id = Some(max_id.map_or(id, |m| m.max(id)));
         }
     }
-    Ok(max_id.map(|m| m.saturating_add(1)))
+    Ok(Batch { next_offset: max_id.map(|m| m.saturating_add(1)), malformed })
+}
+
+/// The poller's error text for a batch with malformed updates (the first few named).
+fn malformed_report(malformed: &[String]) -> Option<String> {
+    const NAMED: usize = 3;
+    let (first, rest) = malformed.split_at(malformed.len().min(NAMED));
+    let more = if rest.is_empty() { String::new() } else { format!("; and {} more", rest.len()) };
+    (!first.is_empty()).then(|| {
+        format!("{} malformed update(s) stored as kind=malformed: {}{more}", malformed.len(), first.join("; "))
+    })
 }
 
 // ---- updates -> events --------------------------------------------------------------------
@@ -461,13 +511,30 @@ fn id_text(v: &Value) -> Option<String> {
     }
 }
 
+/// Update kinds whose payload is a `Message`, which always has a `chat`.
+const MESSAGE_KINDS: &[&str] = &[
+    "message",
+    "edited_message",
+    "channel_post",
+    "edited_channel_post",
+    "business_message",
+    "edited_business_message",
+];
+
 /// Turns one raw update into an event: `(update_id, event)`. The raw JSON is kept as given.
+/// `Err` names what is wrong; the caller stores it with [`malformed_event`].
 pub fn update_event(bot: &Bot, raw: &str, now: u64) -> Result<(i64, EventData), String> {
     let v: Value = serde_json::from_str(raw).map_err(|e| format!("update is not JSON: {e}"))?;
     let obj = v.as_object().ok_or("update is not a JSON object")?;
     let id = obj.get("update_id").and_then(Value::as_i64).ok_or("update has no integer update_id")?;
-    let (kind, payload) =
-        obj.iter().find(|(k, _)| k.as_str() != "update_id").map_or(("unknown", &Value::Null), |(k, v)| (k.as_str(), v));
+    let (kind, payload) = obj
+        .iter()
+        .find(|(k, _)| k.as_str() != "update_id")
+        .map(|(k, v)| (k.as_str(), v))
+        .ok_or("update has nothing besides its update_id")?;
+    if !payload.is_object() {
+        return Err(format!("update field {:?} is not an object", http_util::echo(kind)));
+    }
     // The message the update is about: itself, or the one a button was pressed under.
     let message = match kind {
         "callback_query" => payload.get("message"),
@@ -477,6 +544,9 @@ pub fn update_event(bot: &Bot, raw: &str, now: u64) -> Result<(i64, EventData), 
         _ => Some(payload),
     };
     let chat_id = message.and_then(|m| m.get("chat")).and_then(|c| c.get("id")).and_then(id_text);
+    if MESSAGE_KINDS.contains(&kind) && chat_id.is_none() {
+        return Err(format!("{kind} has no chat.id (every Telegram message belongs to a chat)"));
+    }
     let from = payload.get("from").or_else(|| payload.get("user")).and_then(|u| u.get("id")).and_then(id_text);
     let thread = message
         .filter(|m| m.get("is_topic_message").and_then(Value::as_bool) == Some(true))
@@ -525,6 +595,41 @@ pub fn update_event(bot: &Bot, raw: &str, now: u64) -> Result<(i64, EventData), 
         meta,
     };
     Ok((id, event))
+}
+
+/// An update [`update_event`] refused, kept with meta `kind = malformed` and `error`, so the
+/// agent sees it and it never blocks the updates behind it. Deduplicated on its `update_id`
+/// when it has one (the same key a good update would get), otherwise on its bytes' SHA-256.
+pub fn malformed_event(bot: &Bot, raw: &[u8], error: &str, now: u64) -> (Option<i64>, EventData) {
+    let json = serde_json::from_slice::<Value>(raw).ok();
+    let id = json.as_ref().and_then(|v| v.get("update_id")).and_then(Value::as_i64);
+    let dedupe_key = match id {
+        Some(id) => format!("tg:{}:{id}", bot.id()),
+        None => format!("tg:{}:malformed:{}", bot.id(), hex::encode(Sha256::digest(raw))),
+    };
+    let mut meta = vec![
+        ("kind".to_string(), "malformed".to_string()),
+        ("error".to_string(), error.chars().take(MAX_ERROR_LEN).collect()),
+        ("bot_id".to_string(), bot.id().to_string()),
+    ];
+    if let Some(id) = id {
+        meta.push(("update_id".into(), id.to_string()));
+    }
+    let content_type = if json.is_some() { "application/json" } else { "application/octet-stream" };
+    let event = EventData {
+        agent: bot.agent.clone(),
+        channel: bot.channel(),
+        conversation: String::new(),
+        sender: None,
+        dedupe_key: Some(dedupe_key),
+        received_at_ms: now,
+        text: None,
+        attachments: Vec::new(),
+        content_type: content_type.into(),
+        raw: raw.to_vec(),
+        meta,
+    };
+    (id, event)
 }
 
 /// Files of a message, by Telegram `file_id` (the agent fetches them with `getFile`).
@@ -599,20 +704,23 @@ async fn webhook(
         Ok(b) => b,
         Err(r) => return r,
     };
-    let Ok(text) = std::str::from_utf8(&body) else {
-        return http_util::error(StatusCode::BAD_REQUEST, "update is not UTF-8 JSON", None);
-    };
-    let (_, event) = match update_event(&hook.bot, text, now_ms()) {
-        Ok(e) => e,
+    // A malformed update is stored (kind=malformed) and answered 200: Telegram would
+    // otherwise redeliver the same bytes for as long as it keeps the update, failing each time.
+    let parsed = std::str::from_utf8(&body)
+        .map_err(|_| "update is not UTF-8 JSON".to_string())
+        .and_then(|text| update_event(&hook.bot, text, now_ms()));
+    let (event, malformed) = match parsed {
+        Ok((_, event)) => (event, None),
         Err(e) => {
-            tracing::warn!(bot = %name, error = %e, "malformed telegram webhook update");
-            return http_util::error(StatusCode::BAD_REQUEST, e, None);
+            tracing::warn!(bot = %name, error = %e, "malformed telegram webhook update; stored as kind=malformed");
+            (malformed_event(&hook.bot, &body, &e, now_ms()).1, Some(e))
         }
     };
     match shared.sink.ingest(event).await {
         Ok(i) => {
-            (StatusCode::OK, axum::Json(serde_json::json!({"ok": true, "offset": i.offset, "duplicate": i.duplicate})))
-                .into_response()
+            let answer =
+                serde_json::json!({"ok": true, "offset": i.offset, "duplicate": i.duplicate, "malformed": malformed});
+            (StatusCode::OK, axum::Json(answer)).into_response()
         }
         Err(e) => {
             tracing::warn!(bot = %name, error = %e, "telegram update not stored; answering non-2xx so Telegram retries");
@@ -952,5 +1060,109 @@ mod tests {
     #[test]
     fn debug_hides_the_token() {
         assert!(!format!("{:?}", bot()).contains("SECRET"));
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_bounded_jitter() {
+        let mut b = Backoff::new();
+        let bases: Vec<u64> = (0..9).map(|_| b.next_jittered(0.5).as_millis() as u64).collect();
+        assert_eq!(bases, [1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 60_000, 60_000, 60_000]);
+        for r in [0.0, 0.25, 0.999_999, 7.0, -1.0] {
+            let mut b = Backoff::new();
+            let d = b.next_jittered(r);
+            assert!(d >= Duration::from_millis(800) && d <= Duration::from_millis(1200), "r={r}: {d:?}");
+        }
+        let mut b = Backoff::new();
+        for _ in 0..20 {
+            let d = b.next();
+            assert!(d >= BACKOFF_INITIAL.mul_f64(0.8) && d <= BACKOFF_MAX.mul_f64(1.2), "{d:?}");
+        }
+        b.reset();
+        assert_eq!(b.next_jittered(0.5), BACKOFF_INITIAL);
+    }
+
+    #[test]
+    fn updates_that_are_not_one_of_telegrams_kinds_are_errors() {
+        for (raw, why) in [
+            (r#"{"update_id":1}"#, "nothing besides"),
+            (r#"{"update_id":1,"message":5}"#, "not an object"),
+            (r#"{"update_id":1,"message":{"message_id":2,"text":"no chat"}}"#, "no chat.id"),
+            (r#"{"update_id":1,"channel_post":{"message_id":2,"chat":{}}}"#, "no chat.id"),
+        ] {
+            let e = update_event(&bot(), raw, 1).unwrap_err();
+            assert!(e.contains(why), "{raw}: {e}");
+        }
+        // A kind this version does not know yet is stored as that kind, not as malformed.
+        let (_, e) = update_event(&bot(), r#"{"update_id":2,"future_kind":{"from":{"id":5}}}"#, 1).unwrap();
+        assert!(e.meta.contains(&("kind".into(), "future_kind".into())));
+    }
+
+    #[test]
+    fn malformed_events_keep_the_bytes_and_dedupe_on_the_update_id_when_there_is_one() {
+        let raw = br#"{"update_id":7,"message":{"text":"no chat"}}"#;
+        let (id, e) = malformed_event(&bot(), raw, "message has no chat.id", 1);
+        assert_eq!((id, e.dedupe_key.as_deref()), (Some(7), Some("tg:42:7")));
+        assert_eq!(e.raw, raw);
+        assert!(e.meta.contains(&("kind".into(), "malformed".into())));
+        assert!(e.meta.contains(&("error".into(), "message has no chat.id".into())));
+        let (id, e) = malformed_event(&bot(), b"\xff not json", "x", 1);
+        assert_eq!(id, None);
+        assert!(e.dedupe_key.as_deref().unwrap().starts_with("tg:42:malformed:"));
+        assert_eq!(e.content_type, "application/octet-stream");
+        let (_, again) = malformed_event(&bot(), b"\xff not json", "x", 2);
+        assert_eq!(e.dedupe_key, again.dedupe_key, "the same bytes dedupe");
+    }
+
+    /// Records what it is given; the poller's batch logic is what is under test.
+    #[derive(Default)]
+    struct Recorder(std::sync::Mutex<Vec<EventData>>);
+
+    #[async_trait::async_trait]
+    impl EventSink for Recorder {
+        async fn ingest(&self, event: EventData) -> Result<crate::Ingested, SinkError> {
+            let mut events = self.0.lock().unwrap();
+            events.push(event);
+            Ok(crate::Ingested { offset: events.len() as u64, duplicate: false })
+        }
+    }
+
+    fn raws(updates: &[&str]) -> Vec<Box<RawValue>> {
+        updates.iter().map(|u| RawValue::from_string(u.to_string()).unwrap()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_batch_stores_malformed_updates_too_and_the_offset_passes_every_id() {
+        let sink = Recorder::default();
+        let batch = raws(&[
+            r#"{"update_id":10,"message":{"message_id":1,"chat":{"id":5},"text":"good"}}"#,
+            r#"{"update_id":13,"message":{"message_id":2,"text":"no chat"}}"#,
+            r#"{"update_id":"x","message":{"message_id":3,"chat":{"id":5}}}"#,
+            r#"{"update_id":12,"message":{"message_id":4,"chat":{"id":5},"text":"good too"}}"#,
+        ]);
+        let out = store_batch(&bot(), &batch, &sink).await.unwrap();
+        assert_eq!(out.next_offset, Some(14), "past the malformed update 13 as well");
+        assert_eq!(out.malformed.len(), 2, "{:?}", out.malformed);
+        assert!(out.malformed[0].starts_with("update 13: message has no chat.id"), "{:?}", out.malformed);
+        assert!(out.malformed[1].starts_with("update without update_id:"), "{:?}", out.malformed);
+        let kinds: Vec<String> = sink
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| e.meta.iter().find(|(k, _)| k == "kind").unwrap().1.clone())
+            .collect();
+        assert_eq!(kinds, ["message", "malformed", "malformed", "message"], "all stored, in order");
+        let report = malformed_report(&out.malformed).unwrap();
+        assert!(report.starts_with("2 malformed update(s) stored as kind=malformed: update 13"), "{report}");
+
+        // Only bad updates, all with ids: still confirmed, so they are not fetched forever.
+        let out = store_batch(&bot(), &raws(&[r#"{"update_id":20}"#, r#"{"update_id":21,"message":1}"#]), &sink)
+            .await
+            .unwrap();
+        assert_eq!(out.next_offset, Some(22));
+        // No id at all: stored, but there is nothing to confirm them with.
+        let out = store_batch(&bot(), &raws(&["5", r#"{"message":{}}"#]), &sink).await.unwrap();
+        assert_eq!((out.next_offset, out.malformed.len()), (None, 2));
+        assert_eq!(sink.0.lock().unwrap().len(), 8);
     }
 }

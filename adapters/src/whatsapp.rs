@@ -6,8 +6,9 @@
 //! otherwise.
 //!
 //! **Notifications.** `POST` bodies are verified first: `X-Hub-Signature-256` is
-//! `sha256=<hex HMAC-SHA256 of the raw body keyed by the app secret>` (401 when wrong or
-//! missing; nothing is parsed or stored). One body may carry several entries, changes,
+//! `sha256=<hex HMAC-SHA256 of the raw body keyed by the app secret>` (401 when wrong,
+//! missing, or bare hex without the `sha256=` prefix Meta always sends; nothing is parsed or
+//! stored). One body may carry several entries, changes,
 //! messages and statuses: each becomes one event, stored in body order, and only when every
 //! one of them is stored is the answer 200. If a write fails the answer is 503 (429 for
 //! backpressure) and Meta redelivers the whole body; what was already stored is dropped by
@@ -34,6 +35,8 @@
 //! with `messaging_product` and `to` filled in when absent. Graph errors map to codes:
 //! `131047` (more than 24 hours since the customer last wrote) is `window_closed`, so the
 //! agent can fall back to a template; rate limits are `rate_limited` (retryable).
+//! `SendRequest.reply_to` (an event *offset*) is not used: a sender cannot look events up in
+//! the store; a reply quotes the message with `context.message_id` = the event's meta `wamid`.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -161,7 +164,12 @@ async fn notification(shared: &Shared, number: &Number, headers: &HeaderMap, bod
         Err(r) => return r,
     };
     let given = headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok());
-    if let Err(e) = signature::body_verify_hex(&number.app_secret, given, SIGNATURE_HEADER, &body) {
+    // Meta always sends the `sha256=` prefix; a bare hex value is not its format, so refuse it.
+    let verified = match given {
+        Some(v) if !v.trim_start().starts_with("sha256=") => Err("the value is not `sha256=<hex>`".to_string()),
+        _ => signature::body_verify_hex(&number.app_secret, given, SIGNATURE_HEADER, &body).map_err(|e| e.to_string()),
+    };
+    if let Err(e) = verified {
         tracing::debug!(number = %number.name, error = %e, "whatsapp webhook signature rejected");
         return http_util::error(
             StatusCode::UNAUTHORIZED,
@@ -622,6 +630,28 @@ mod tests {
         assert!(s.meta.contains(&("kind".into(), "status".into())));
         assert_eq!(s.dedupe_key.as_deref(), Some("wa:status:wamid.OUT:delivered"));
         assert_eq!(s.conversation, "4915");
+    }
+
+    #[test]
+    fn every_message_of_every_change_of_every_entry_in_body_order() {
+        let change = |wamids: [&str; 2]| {
+            let messages: Vec<Value> = wamids
+                .iter()
+                .map(|w| serde_json::json!({"from": "4915", "id": w, "type": "text", "text": {"body": w}}))
+                .collect();
+            serde_json::json!({"field": "messages", "value": {"metadata": {"phone_number_id": "123"}, "messages": messages}})
+        };
+        let body = serde_json::json!({"object": "whatsapp_business_account", "entry": [
+            {"id": "W1", "changes": [change(["wamid.1", "wamid.2"]), change(["wamid.3", "wamid.4"])]},
+            {"id": "W2", "changes": [change(["wamid.5", "wamid.6"]), change(["wamid.7", "wamid.8"])]},
+        ]})
+        .to_string();
+        let items = notification_events(&number(), body.as_bytes(), 1).unwrap();
+        let keys: Vec<&str> = items.iter().map(|i| i.event.dedupe_key.as_deref().unwrap_or_default()).collect();
+        let want: Vec<String> = (1..=8).map(|i| format!("wa:wamid.{i}")).collect();
+        assert_eq!(keys, want);
+        assert!(items.iter().all(|i| i.malformed.is_none()));
+        assert_eq!(items[7].event.text.as_deref(), Some("wamid.8"));
     }
 
     #[test]

@@ -39,7 +39,8 @@ pub struct TelegramConfig {
     /// Update kinds to receive; empty = Telegram's default set (always sent explicitly,
     /// because an omitted list means "whatever was set last").
     pub allowed_updates: Vec<String>,
-    /// Long-poll timeout passed to `getUpdates` (whole seconds; zero = short polling).
+    /// Long-poll timeout passed to `getUpdates` (whole seconds, at least 1: short polling would
+    /// spin on an idle bot).
     pub poll_timeout: Duration,
     /// Expected `X-Telegram-Bot-Api-Secret-Token` in webhook mode.
     pub webhook_secret: Option<Secret>,
@@ -158,6 +159,11 @@ impl Ctx<'_> {
         let poll_timeout = self.duration(&k("poll_timeout"), raw.poll_timeout.as_ref(), Duration::from_secs(30), true);
         if poll_timeout > Duration::from_secs(120) {
             self.err(&k("poll_timeout"), "must be at most 2m (Telegram holds a long poll for at most about 50s)");
+        } else if poll_timeout < Duration::from_secs(1) {
+            self.err(
+                &k("poll_timeout"),
+                "must be at least 1s: getUpdates takes whole seconds, and 0 (short polling) would re-poll an idle bot without pause",
+            );
         }
         let webhook_secret = match self.secret(
             p,

@@ -49,6 +49,21 @@ fn telegram_errors_name_file_and_key() {
     assert!(!text.contains("not-a-token") && !text.contains("bad secret!"), "secrets echoed:\n{text}");
 }
 
+/// A poll timeout under one second would make `getUpdates` return at once on an idle bot and
+/// the poller re-poll without pause (a hot loop against Telegram), so it is refused at load.
+#[test]
+fn telegram_poll_timeout_under_a_second_is_refused() {
+    let bot = |name: &str, id: u32, timeout: &str| {
+        format!("[telegram.{name}]\nagent = \"echo\"\ntoken = \"{id}:abc\"\npoll_timeout = \"{timeout}\"\n")
+    };
+    let e = errs(&format!("{AGENT}{}{}{}", bot("zero", 1, "0s"), bot("half", 2, "500ms"), bot("long", 3, "3m")));
+    assert_line(&e, &["test.toml: telegram.zero.poll_timeout: must be at least 1s"]);
+    assert_line(&e, &["test.toml: telegram.half.poll_timeout: must be at least 1s"]);
+    assert_line(&e, &["test.toml: telegram.long.poll_timeout: must be at most 2m"]);
+    let c = load_str(&format!("{AGENT}{}", bot("one", 4, "1s")), "test.toml").unwrap();
+    assert_eq!(c.telegram["one"].poll_timeout, Duration::from_secs(1));
+}
+
 #[test]
 fn whatsapp_section() {
     let ok = format!(

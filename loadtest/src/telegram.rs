@@ -18,6 +18,8 @@
 //! - `setWebhook` (`url`, `secret_token`, `allowed_updates`) / `deleteWebhook` /
 //!   `getWebhookInfo`; [`FakeTelegram::deliver_webhooks`] POSTs pending updates to the set URL
 //!   with `X-Telegram-Bot-Api-Secret-Token`, confirming each one only on a 2xx answer.
+//! - Outages: [`FakeTelegram::fail_polls`] answers the next getUpdates calls with an HTML
+//!   `502 Bad Gateway`, as Telegram's front proxy does.
 //! - `sendMessage`, `sendChatAction`, `editMessageText` (and any other `send*`/`edit*`
 //!   method): recorded in [`FakeTelegram::sent`] with their parameters and time; messages get
 //!   increasing `message_id`s. With [`Limits`] set, a chat (or the bot) that exceeds its rate
@@ -104,6 +106,8 @@ struct Bot {
     sent: Vec<Sent>,
     rate_limited: u64,
     next_message_id: i64,
+    /// getUpdates calls still to be answered `502 Bad Gateway`.
+    failing_polls: u64,
 }
 
 struct Inner {
@@ -145,7 +149,9 @@ impl FakeTelegram {
     }
 
     /// Queues an update whose body (without `update_id`) is `payload`, e.g.
-    /// `{"message": {...}}`; returns its `update_id`.
+    /// `{"message": {...}}`; returns its `update_id`. A payload carrying its own `update_id`
+    /// replaces the generated one in the JSON (a broken update, for tests) while the fake
+    /// still orders and confirms it by the generated id.
     pub fn push_update(&self, token: &str, payload: &Value) -> i64 {
         let id = {
             let mut bots = self.bots();
@@ -226,6 +232,14 @@ impl FakeTelegram {
     /// Sends accepted for this bot, in order.
     pub fn sent(&self, token: &str) -> Vec<Sent> {
         self.bots().get(token).map(|b| b.sent.clone()).unwrap_or_default()
+    }
+
+    /// Makes the next `n` getUpdates calls fail with `502 Bad Gateway` (an HTML page, as the
+    /// front proxy of api.telegram.org answers during an outage); 0 ends the outage.
+    pub fn fail_polls(&self, token: &str, n: u64) {
+        if let Some(b) = self.bots().get_mut(token) {
+            b.failing_polls = n;
+        }
     }
 
     /// How many sends were refused with 429.
@@ -396,6 +410,11 @@ async fn get_updates(inner: &Inner, token: &str, p: &Map<String, Value>) -> Resp
             return api_error(StatusCode::UNAUTHORIZED, "Unauthorized", None);
         };
         bot.polls += 1;
+        if bot.failing_polls > 0 {
+            bot.failing_polls -= 1;
+            let page = "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n";
+            return (StatusCode::BAD_GATEWAY, [("content-type", "text/html")], page).into_response();
+        }
         if bot.webhook.is_some() {
             bot.conflicts += 1;
             return api_error(

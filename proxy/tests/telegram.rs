@@ -6,12 +6,16 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
+use concierge_adapters::{ConnectionReporter, EventSink, Ingested, SinkError, telegram};
 use concierge_loadtest::telegram::{FakeTelegram, Limits, Options};
-use concierge_protocol::{ChannelRef, SendRequest, SendResult};
-use serde_json::Value;
+use concierge_protocol::{ChannelRef, EventData, SendRequest, SendResult};
+use concierge_store::{Appended, SqliteStore, Store, StoreOptions};
+use serde_json::{Value, json};
 
 const BOT_TOKEN: &str = "123456:TEST-token_abc";
 
@@ -346,4 +350,286 @@ async fn hundred_rapid_replies_are_paced_in_order_and_once() {
     assert!(matches!(&r, SendResult::Err { code, retryable: false, .. } if code == "bad_request"), "{r:?}");
     let methods: Vec<String> = fake.sent(BOT_TOKEN).iter().skip(2 * N).map(|s| s.method.clone()).collect();
     assert_eq!(methods, ["sendChatAction", "editMessageText"]);
+}
+
+/// The value of meta `key` of an admin API event.
+fn meta<'a>(event: &'a Value, key: &str) -> Option<&'a str> {
+    event["meta"].as_array()?.iter().find(|p| p[0] == key).and_then(|p| p[1].as_str())
+}
+
+/// A batch of good and malformed updates: all stored in order (the bad ones as
+/// kind=malformed), reported on the admin API and in the log, and confirmed, so they are not
+/// fetched again; a batch of only bad updates is confirmed too. Also checks that poll mode
+/// sends the configured `allowed_updates` on getUpdates, and that there is a single poller.
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_updates_in_a_polled_batch_are_stored_reported_and_confirmed() {
+    let fake = FakeTelegram::start(Options { id_gaps: true, ..Options::default() }).await.unwrap();
+    fake.add_bot(BOT_TOKEN);
+    let good_1 = fake.push_message(BOT_TOKEN, 777, 42, "good 1");
+    let no_chat = fake.push_update(BOT_TOKEN, &json!({"message": {"message_id": 9, "text": "no chat"}}));
+    let no_id =
+        fake.push_update(BOT_TOKEN, &json!({"update_id": "x", "message": {"message_id": 10, "chat": {"id": 777}}}));
+    let good_2 = fake.push_message(BOT_TOKEN, 777, 42, "good 2");
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "allowed_updates = [\"message\", \"edited_message\"]";
+    let body = format!("{}{}", self_connecting_agent("a"), bot_section("bot", "a", &fake.api_base, extra));
+    let config = write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &body);
+    let proxy = Proxy::start(&config);
+
+    wait_all_confirmed(&fake, Duration::from_secs(20), &proxy).await;
+    assert_eq!(fake.confirmed(BOT_TOKEN), [good_1, no_chat, no_id, good_2]);
+    let events = proxy.events("a").await;
+    let kinds: Vec<&str> = events.iter().map(|e| meta(e, "kind").unwrap_or_default()).collect();
+    assert_eq!(kinds, ["message", "malformed", "malformed", "message"], "log:\n{}", proxy.log());
+    assert_eq!((events[0]["text"].as_str(), events[3]["text"].as_str()), (Some("good 1"), Some("good 2")));
+    assert_eq!(events[1]["dedupe_key"], format!("tg:123456:{no_chat}"));
+    assert!(meta(&events[1], "error").unwrap_or_default().contains("no chat.id"), "{}", events[1]);
+    assert!(events[1]["raw"]["text"].as_str().unwrap_or_default().contains("no chat"), "raw kept: {}", events[1]);
+    assert!(events[2]["dedupe_key"].as_str().unwrap_or_default().starts_with("tg:123456:malformed:"));
+    assert!(meta(&events[2], "error").unwrap_or_default().contains("update_id"), "{}", events[2]);
+    let reported = eventually(Duration::from_secs(10), || async {
+        connection(&proxy, "telegram", "bot").await.filter(|c| {
+            c["last_error"].as_str().is_some_and(|e| e.contains("2 malformed update(s) stored as kind=malformed"))
+        })
+    })
+    .await;
+    let Some(reported) = reported else {
+        panic!("no malformed report: {:?}", connection(&proxy, "telegram", "bot").await);
+    };
+    assert_eq!(reported["state"], "polling", "{reported}");
+    assert!(reported["last_error"].as_str().unwrap().contains(&format!("update {no_chat}: ")), "{reported}");
+    assert!(proxy.log().contains("malformed telegram update"), "{}", proxy.log());
+
+    // A batch of nothing but bad updates still moves the offset past them.
+    let bad = [
+        fake.push_update(BOT_TOKEN, &json!({"edited_message": {"message_id": 1, "text": "no chat"}})),
+        fake.push_update(BOT_TOKEN, &json!({"message": 5})),
+    ];
+    wait_all_confirmed(&fake, Duration::from_secs(20), &proxy).await;
+    assert_eq!(fake.confirmed(BOT_TOKEN)[4..], bad);
+    let events = proxy.events("a").await;
+    let kinds: Vec<&str> = events.iter().map(|e| meta(e, "kind").unwrap_or_default()).collect();
+    assert_eq!(kinds[4..], ["malformed", "malformed"]);
+    assert_eq!(events.len(), 6, "each stored once");
+
+    assert_eq!(fake.allowed_updates(BOT_TOKEN), Some(json!(["message", "edited_message"])), "sent on getUpdates");
+    assert_eq!(fake.conflicts(BOT_TOKEN), 0, "a single poller");
+}
+
+/// Promise 1 in webhook mode: with the store down the delivery gets 503 (non-2xx, so Telegram
+/// retries) and nothing more is confirmed; once it is back the redelivery is stored once. A
+/// malformed update is stored as kind=malformed and answered 200, so Telegram does not retry
+/// it forever.
+#[tokio::test(flavor = "multi_thread")]
+async fn webhook_store_outage_gets_503_then_the_redelivery_is_stored_once() {
+    let mut redis = Redis::start();
+    let fake = FakeTelegram::start(Options::default()).await.unwrap();
+    fake.add_bot(BOT_TOKEN);
+    let dir = tempfile::tempdir().unwrap();
+    let ports = fixed_ports();
+    let extra = format!(
+        "mode = \"webhook\"\nwebhook_secret = \"s3cret\"\nset_webhook = true\npublic_url = \"http://127.0.0.1:{}\"",
+        ports[1]
+    );
+    let body = format!("{}{}", self_connecting_agent("a"), bot_section("hook", "a", &fake.api_base, &extra));
+    let config = write_config(dir.path(), &Backend::Redis(redis.url()), ports, &body);
+    let proxy = Proxy::start(&config);
+    let webhook = eventually(Duration::from_secs(10), || async { fake.webhook(BOT_TOKEN) }).await;
+    assert!(webhook.is_some(), "setWebhook never called; log:\n{}", proxy.log());
+
+    let before: Vec<i64> = (0..2).map(|i| fake.push_message(BOT_TOKEN, 9, 9, &format!("before {i}"))).collect();
+    assert_eq!(fake.deliver_webhooks(BOT_TOKEN).await, [200, 200], "log:\n{}", proxy.log());
+
+    redis.kill9();
+    let during: Vec<i64> = (0..3).map(|i| fake.push_message(BOT_TOKEN, 9, 9, &format!("during {i}"))).collect();
+    for _ in 0..2 {
+        assert_eq!(fake.deliver_webhooks(BOT_TOKEN).await, [503], "log:\n{}", proxy.log());
+    }
+    assert_eq!(fake.confirmed(BOT_TOKEN), before, "nothing confirmed while the store is down");
+    assert_eq!(fake.pending(BOT_TOKEN), during);
+
+    redis.restart();
+    let redelivered = eventually(Duration::from_secs(30), || async {
+        let statuses = fake.deliver_webhooks(BOT_TOKEN).await;
+        fake.pending(BOT_TOKEN).is_empty().then_some(statuses)
+    })
+    .await;
+    assert!(redelivered.is_some(), "redelivery never accepted: {:?}; log:\n{}", fake.pending(BOT_TOKEN), proxy.log());
+    let all: Vec<i64> = before.iter().chain(&during).copied().collect();
+    assert_eq!(stored_update_ids(&proxy, "a").await, all, "each stored once, in order");
+
+    // Malformed: stored, 200, and a redelivery of the same bytes is a duplicate.
+    let bad = fake.push_update(BOT_TOKEN, &json!({"message": {"message_id": 7, "text": "no chat"}}));
+    assert_eq!(fake.deliver_webhooks(BOT_TOKEN).await, [200]);
+    assert_eq!(fake.confirmed(BOT_TOKEN).last(), Some(&bad));
+    let url = format!("http://127.0.0.1:{}/telegram/hook", ports[1]);
+    let post =
+        |body: String| http_client().post(&url).header("X-Telegram-Bot-Api-Secret-Token", "s3cret").body(body).send();
+    let r = post(format!(r#"{{"update_id":{bad},"message":{{"message_id":7,"text":"no chat"}}}}"#)).await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["duplicate"], true, "{answer}");
+    assert!(answer["malformed"].as_str().unwrap_or_default().contains("no chat.id"), "{answer}");
+    let r = post("not json at all".into()).await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let events = proxy.events("a").await;
+    let kinds: Vec<&str> = events.iter().map(|e| meta(e, "kind").unwrap_or_default()).collect();
+    assert_eq!(kinds, ["message", "message", "message", "message", "message", "malformed", "malformed"]);
+    assert_eq!(events[5]["dedupe_key"], format!("tg:123456:{bad}"));
+}
+
+/// A fault injector in front of a real SQLite store: while `failing`, every write after the
+/// first `ok_writes` fails as if the store had gone away.
+struct FailingStore {
+    store: SqliteStore,
+    ok_writes: usize,
+    writes: AtomicUsize,
+    duplicates: AtomicUsize,
+    failing: AtomicBool,
+}
+
+impl FailingStore {
+    fn open(dir: &std::path::Path, ok_writes: usize) -> Arc<FailingStore> {
+        let store = SqliteStore::open(&dir.join("store.db"), StoreOptions::default()).unwrap();
+        let (writes, duplicates, failing) = (AtomicUsize::new(0), AtomicUsize::new(0), AtomicBool::new(true));
+        Arc::new(FailingStore { store, ok_writes, writes, duplicates, failing })
+    }
+
+    async fn stored(&self, agent: &str) -> Vec<EventData> {
+        self.store.read(agent, 0, 1000).await.unwrap().into_iter().map(|e| e.data).collect()
+    }
+}
+
+#[async_trait::async_trait]
+impl EventSink for FailingStore {
+    async fn ingest(&self, event: EventData) -> Result<Ingested, SinkError> {
+        if self.failing.load(Ordering::SeqCst) && self.writes.load(Ordering::SeqCst) >= self.ok_writes {
+            return Err(SinkError::Unavailable(format!("injected: the store fails after {} writes", self.ok_writes)));
+        }
+        let appended = self.store.append(&event).await.map_err(|e| SinkError::Unavailable(e.to_string()))?;
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        match appended {
+            Appended::Stored(offset) => Ok(Ingested { offset, duplicate: false }),
+            Appended::Duplicate(offset) => {
+                self.duplicates.fetch_add(1, Ordering::SeqCst);
+                Ok(Ingested { offset, duplicate: true })
+            }
+        }
+    }
+}
+
+/// Records a poller's state changes.
+#[derive(Default)]
+struct States(Mutex<Vec<(String, Option<String>)>>);
+
+impl ConnectionReporter for States {
+    fn state(&self, _channel: &str, _name: &str, state: &str, error: Option<&str>) {
+        self.0.lock().unwrap().push((state.to_string(), error.map(str::to_string)));
+    }
+}
+
+/// Promise 1 with the store failing exactly mid-batch: of a batch of 5 the first 2 are stored
+/// and the 3rd fails; the offset does not move and Telegram keeps all 5. Once the store works,
+/// the re-fetched batch gives 2 duplicates and 3 new events, and the offset becomes max + 1.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_failing_mid_batch_keeps_the_offset_and_the_refetch_stores_the_rest_once() {
+    let fake = FakeTelegram::start(Options { id_gaps: true, ..Options::default() }).await.unwrap();
+    fake.add_bot(BOT_TOKEN);
+    let ids: Vec<i64> = (0..5).map(|i| fake.push_message(BOT_TOKEN, 777, 42, &format!("m{i}"))).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let store = FailingStore::open(dir.path(), 2);
+    let states = Arc::new(States::default());
+    let bot = telegram::Bot {
+        name: "bot".into(),
+        agent: "a".into(),
+        token: BOT_TOKEN.into(),
+        api_base: fake.api_base.clone(),
+    };
+    let options = telegram::PollOptions { allowed_updates: vec![], timeout: Duration::from_secs(1) };
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let poller = telegram::spawn_poller(reqwest::Client::new(), bot, options, store.clone(), states.clone(), shutdown);
+
+    // The batch is fetched, fails at its 3rd write, and is fetched (and fails) again.
+    let refetched = eventually(Duration::from_secs(15), || async { (fake.polls(BOT_TOKEN) >= 2).then_some(()) }).await;
+    assert!(refetched.is_some(), "the batch was not fetched again; states {:?}", states.0.lock().unwrap());
+    let update_ids = |events: Vec<EventData>| -> Vec<i64> {
+        events.iter().map(|e| serde_json::from_slice::<Value>(&e.raw).unwrap()["update_id"].as_i64().unwrap()).collect()
+    };
+    assert_eq!(update_ids(store.stored("a").await), ids[..2], "the writes before the failure are stored");
+    assert_eq!(fake.last_offset(BOT_TOKEN), None, "an offset was sent past an unstored update");
+    assert!(fake.confirmed(BOT_TOKEN).is_empty());
+    assert_eq!(fake.pending(BOT_TOKEN), ids, "Telegram keeps the whole batch");
+    let backoff = states.0.lock().unwrap().iter().find(|(s, _)| s == "backoff").cloned();
+    assert!(
+        backoff.as_ref().and_then(|(_, e)| e.as_deref()).is_some_and(|e| e.contains("injected")),
+        "the failure is reported: {backoff:?}"
+    );
+
+    store.failing.store(false, Ordering::SeqCst);
+    let done = eventually(Duration::from_secs(20), || async { fake.pending(BOT_TOKEN).is_empty().then_some(()) }).await;
+    assert!(done.is_some(), "never confirmed after the store came back: {:?}", fake.pending(BOT_TOKEN));
+    assert_eq!(update_ids(store.stored("a").await), ids, "each stored once, in order");
+    assert_eq!(store.duplicates.load(Ordering::SeqCst), 2, "the 2 stored before the failure came again");
+    assert_eq!(fake.last_offset(BOT_TOKEN), Some(ids[4] + 1), "offset = max(update_id) + 1");
+    assert_eq!(fake.confirmed(BOT_TOKEN), ids);
+
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), poller).await.expect("the poller stops").unwrap();
+}
+
+/// Telegram answering `502 Bad Gateway` (HTML) is backed off, not retried in a hot loop, shown
+/// on the admin API, and polling resumes once the outage ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_gateway_answers_are_backed_off() {
+    let fake = FakeTelegram::start(Options::default()).await.unwrap();
+    fake.add_bot(BOT_TOKEN);
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!("{}{}", self_connecting_agent("a"), bot_section("bot", "a", &fake.api_base, ""));
+    let config = write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &body);
+    let proxy = Proxy::start(&config);
+    wait_connection_state(&proxy, "polling", Duration::from_secs(10)).await;
+
+    fake.fail_polls(BOT_TOKEN, 1_000);
+    let failing = wait_connection_state(&proxy, "backoff", Duration::from_secs(10)).await;
+    assert!(failing["last_error"].as_str().unwrap_or_default().contains("502"), "{failing}");
+    // Backoff 1 s, 2 s, 4 s (±20 %): at most 3 more polls in 3 s; a hot loop makes hundreds.
+    let (polls, started) = (fake.polls(BOT_TOKEN), Instant::now());
+    while started.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let during = fake.polls(BOT_TOKEN) - polls;
+    assert!(during <= 3, "{during} getUpdates calls in 3 s of 502s: a hot loop");
+
+    fake.fail_polls(BOT_TOKEN, 0);
+    let id = fake.push_message(BOT_TOKEN, 777, 42, "after the outage");
+    wait_all_confirmed(&fake, Duration::from_secs(20), &proxy).await;
+    assert_eq!(stored_update_ids(&proxy, "a").await, [id]);
+    wait_connection_state(&proxy, "polling", Duration::from_secs(10)).await;
+}
+
+/// The bot-wide rate holds across chats: 30 replies to 30 different chats at once (so
+/// per-chat pacing never applies) are spaced `1 / bot_rate` apart, and a fake allowing just
+/// over `bot_rate` per second never answers 429.
+#[tokio::test(flavor = "multi_thread")]
+async fn bot_rate_spaces_sends_across_chats() {
+    const N: usize = 30;
+    let limits = Limits { per_chat: 1_000, per_bot: 11, window: Duration::from_secs(1), retry_after: 1 };
+    let fake = FakeTelegram::start(Options { limits: Some(limits), ..Options::default() }).await.unwrap();
+    fake.add_bot(BOT_TOKEN);
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "chat_interval = \"1ms\"\nbot_rate = 10";
+    let body = format!("{}{}", self_connecting_agent("a"), bot_section("bot", "a", &fake.api_base, extra));
+    let config = write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &body);
+    let proxy = Proxy::start(&config);
+    let agent = proxy.connect("a").await;
+
+    let results = futures::future::join_all((0..N).map(|i| agent.send(reply(&format!("{}", 1_000 + i), i)))).await;
+    assert!(results.iter().all(|r| matches!(r, Ok(SendResult::Ok { .. }))), "{results:?}");
+    let sent = fake.sent(BOT_TOKEN);
+    let chats: BTreeSet<&str> = sent.iter().map(|s| s.chat_id.as_str()).collect();
+    assert_eq!((sent.len(), chats.len()), (N, N), "one message to each chat");
+    assert_eq!(fake.rate_limited(BOT_TOKEN), 0, "the bot-wide limit was exceeded");
+    // Slots are 100 ms apart; only the first and last arrival can be late or early.
+    let span = sent[N - 1].at.duration_since(sent[0].at);
+    assert!(span >= Duration::from_millis(100 * (N as u64 - 1) - 50), "{N} sends across chats within {span:?}");
 }

@@ -4,11 +4,15 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::*;
+use concierge_adapters::{EventSink, Ingested, SinkError, whatsapp};
 use concierge_loadtest::whatsapp::{FakeWhatsApp, notification, status, text_message};
-use concierge_protocol::{ChannelRef, SendRequest, SendResult};
+use concierge_protocol::{ChannelRef, EventData, SendRequest, SendResult};
+use concierge_store::{Appended, SqliteStore, Store, StoreOptions};
 use serde_json::Value;
 
 const APP_SECRET: &str = "app-secret-0123";
@@ -54,6 +58,18 @@ async fn verification_and_signatures() {
     let tampered = body.replace("hi", "ho");
     let attempts = fake.deliver_with(&url, &tampered, Some(&fake.signature(body.as_bytes())), 1, Duration::ZERO).await;
     assert_eq!(attempts[0].status, 401);
+    // The right HMAC without the `sha256=` prefix Meta always sends is not Meta's format.
+    let signature = fake.signature(body.as_bytes());
+    let bare = signature.trim_start_matches("sha256=");
+    let attempts = fake.deliver_with(&url, &body, Some(bare), 1, Duration::ZERO).await;
+    assert_eq!(attempts[0].status, 401, "bare hex: {attempts:?}");
+    assert!(attempts[0].body.contains("sha256="), "{attempts:?}");
+    // No header at all.
+    let r =
+        http_client().post(&url).header("content-type", "application/json").body(body.clone()).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let answer: Value = r.json().await.unwrap();
+    assert!(answer["error"].as_str().unwrap_or_default().contains("missing header"), "{answer}");
     assert!(proxy.events("a").await.is_empty(), "a refused notification stored something");
 
     let attempts = fake.deliver(&url, &body).await;
@@ -181,4 +197,76 @@ async fn sends_through_the_graph_api() {
         other => panic!("{other:?}"),
     }
     assert_eq!(fake.sends().len(), 2);
+}
+
+/// A fault injector in front of a real SQLite store: while `failing`, every write after the
+/// first `ok_writes` fails as if the store had gone away.
+struct FailingStore {
+    store: SqliteStore,
+    ok_writes: usize,
+    writes: AtomicUsize,
+    failing: AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl EventSink for FailingStore {
+    async fn ingest(&self, event: EventData) -> Result<Ingested, SinkError> {
+        if self.failing.load(Ordering::SeqCst) && self.writes.load(Ordering::SeqCst) >= self.ok_writes {
+            return Err(SinkError::Unavailable(format!("injected: the store fails after {} writes", self.ok_writes)));
+        }
+        let appended = self.store.append(&event).await.map_err(|e| SinkError::Unavailable(e.to_string()))?;
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        Ok(match appended {
+            Appended::Stored(offset) => Ingested { offset, duplicate: false },
+            Appended::Duplicate(offset) => Ingested { offset, duplicate: true },
+        })
+    }
+}
+
+/// Promise 1 with the store failing exactly mid-batch: a notification of 5 messages whose 3rd
+/// write fails gets 503 with the first 2 stored; Meta's redelivery of the same bytes, once the
+/// store works, stores the other 3 and finds the first 2 duplicates.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_failing_mid_batch_gets_503_and_the_redelivery_stores_the_rest_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FailingStore {
+        store: SqliteStore::open(&dir.path().join("store.db"), StoreOptions::default()).unwrap(),
+        ok_writes: 2,
+        writes: AtomicUsize::new(0),
+        failing: AtomicBool::new(true),
+    });
+    let number = whatsapp::Number {
+        name: "wa".into(),
+        agent: "a".into(),
+        app_secret: APP_SECRET.as_bytes().to_vec(),
+        verify_token: VERIFY_TOKEN.into(),
+    };
+    let app = whatsapp::router(vec![number], store.clone(), 1 << 20);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/whatsapp/wa", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let fake = FakeWhatsApp::start(APP_SECRET, ACCESS_TOKEN, None).await.unwrap();
+    let wamids: Vec<String> = (1..=5).map(|i| format!("wamid.{i}")).collect();
+    let body = notification(
+        PHONE_ID,
+        wamids.iter().map(|w| text_message("4915550001", w, &format!("text {w}"))).collect(),
+        vec![],
+    );
+    let stored_keys = || async {
+        let events = store.store.read("a", 0, 100).await.unwrap();
+        events.into_iter().map(|e| e.data.dedupe_key.unwrap_or_default()).collect::<Vec<String>>()
+    };
+
+    let attempts = fake.deliver_with(&url, &body, None, 1, Duration::ZERO).await;
+    assert_eq!(attempts[0].status, 503, "{attempts:?}");
+    assert_eq!(stored_keys().await, ["wa:wamid.1", "wa:wamid.2"], "the writes before the failure");
+
+    store.failing.store(false, Ordering::SeqCst);
+    let attempts = fake.deliver(&url, &body).await;
+    assert_eq!(attempts.len(), 1, "{attempts:?}");
+    assert_eq!(attempts[0].status, 200, "{attempts:?}");
+    let answer: Value = serde_json::from_str(&attempts[0].body).unwrap();
+    assert_eq!((answer["stored"].as_u64(), answer["duplicates"].as_u64()), (Some(3), Some(2)), "{answer}");
+    let want: Vec<String> = wamids.iter().map(|w| format!("wa:{w}")).collect();
+    assert_eq!(stored_keys().await, want, "each stored once, in body order");
 }
