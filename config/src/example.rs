@@ -39,6 +39,9 @@ max_frame = "8MiB"
 max_body = "1MiB"
 # How long shutdown waits for in-flight work.
 shutdown_grace = "10s"
+# On SIGTERM /readyz fails at once, but webhooks and agents are still served this long, so a
+# load balancer polling readiness stops routing here before the listeners close.
+shutdown_delay = "1s"
 
 # Without [tls], a self-signed development certificate is generated in data_dir and its
 # SHA-256 fingerprint printed, for agents to pin.

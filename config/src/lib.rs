@@ -119,6 +119,8 @@ pub struct ServerConfig {
     pub max_body: u64,
     /// How long shutdown waits for in-flight work before closing.
     pub shutdown_grace: Duration,
+    /// How long shutdown keeps accepting after `/readyz` fails, so load balancers notice first.
+    pub shutdown_delay: Duration,
 }
 
 /// The `[tls]` section: PEM files for the QUIC listener (absolute paths, checked to exist).

@@ -80,6 +80,7 @@ pub(crate) struct RawServer {
     pub max_frame: Option<Text>,
     pub max_body: Option<Text>,
     pub shutdown_grace: Option<Text>,
+    pub shutdown_delay: Option<Text>,
 }
 
 #[derive(Deserialize, Default)]

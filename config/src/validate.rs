@@ -629,6 +629,10 @@ impl Ctx<'_> {
         let max_body = self.size("server.max_body", raw.max_body.as_ref(), 1024 * 1024, 1, u64::MAX);
         let shutdown_grace =
             self.duration("server.shutdown_grace", raw.shutdown_grace.as_ref(), Duration::from_secs(10), true);
+        // Load balancers poll readiness every second or so: keep serving that long after
+        // `/readyz` fails, so they stop routing here before the listeners close.
+        let shutdown_delay =
+            self.duration("server.shutdown_delay", raw.shutdown_delay.as_ref(), Duration::from_secs(1), true);
         ServerConfig {
             quic_listen,
             http_listen,
@@ -642,6 +646,7 @@ impl Ctx<'_> {
             max_frame,
             max_body,
             shutdown_grace,
+            shutdown_delay,
         }
     }
 

@@ -111,7 +111,7 @@ pub enum ClientError {
     /// Options are incomplete or invalid.
     #[error("client configuration: {0}")]
     Config(String),
-    /// The proxy refused the session; retrying will not help.
+    /// The proxy refused the session; retrying will not help unless the code is `ShuttingDown`.
     #[error("proxy rejected the session ({code:?}): {message}")]
     Rejected {
         /// Machine-readable reason.
@@ -130,6 +130,18 @@ pub enum ClientError {
     Closed,
 }
 
+impl ClientError {
+    /// Whether reconnecting cannot help: bad options, or a refusal other than "shutting down"
+    /// (a proxy restarting answers that until it stops, and its successor will accept).
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            ClientError::Config(_) => true,
+            ClientError::Rejected { code, .. } => *code != RejectCode::ShuttingDown,
+            _ => false,
+        }
+    }
+}
+
 impl From<IoError> for ClientError {
     fn from(e: IoError) -> Self {
         match e {
@@ -141,6 +153,7 @@ impl From<IoError> for ClientError {
 
 enum Command {
     Ack(u64),
+    Credit(u32),
     Idle,
     Close,
 }
@@ -224,6 +237,13 @@ impl AgentClient {
     /// Marks every event up to `offset` processed; the proxy will not deliver them again.
     pub fn ack(&self, offset: u64) {
         let _ = self.commands.send(Command::Ack(offset));
+    }
+
+    /// Changes how many events the proxy may have in flight unacknowledged (at least 1, at
+    /// most the agent's configured window), e.g. to slow down while the agent is busy. It
+    /// applies from the next delivery and is kept across reconnects.
+    pub fn grant(&self, window: u32) {
+        let _ = self.commands.send(Command::Credit(window.max(1)));
     }
 
     /// Tells the proxy there is nothing to do, so it may put this agent to sleep.
@@ -337,7 +357,7 @@ async fn open_session(endpoint: &quinn::Endpoint, opts: &ClientOptions) -> Resul
 /// Owns the session: forwards events, writes acks, reconnects.
 async fn drive(
     endpoint: quinn::Endpoint,
-    opts: ClientOptions,
+    mut opts: ClientOptions,
     mut session: Session,
     incoming: mpsc::Sender<Incoming>,
     mut commands: mpsc::UnboundedReceiver<Command>,
@@ -380,6 +400,10 @@ async fn drive(
                             latest_ack = latest_ack.max(up_to);
                             write_frame(&mut session.send, &ToProxy::Ack { up_to }).await?;
                         }
+                        Some(Command::Credit(window)) => {
+                            opts.window = window; // the next Hello asks for it too
+                            write_frame(&mut session.send, &ToProxy::Credit { window }).await?;
+                        }
                         Some(Command::Idle) => write_frame(&mut session.send, &ToProxy::Idle).await?,
                         Some(Command::Close) | None => {
                             let _ = session.send.finish();
@@ -416,7 +440,7 @@ async fn drive(
             attempt += 1;
             match open_session(&endpoint, &opts).await {
                 Ok(s) => break s,
-                Err(e @ ClientError::Rejected { .. }) | Err(e @ ClientError::Config(_)) => {
+                Err(e) if e.is_permanent() => {
                     let _ = incoming.send(Incoming::Fatal(Box::new(e))).await;
                     return;
                 }

@@ -125,11 +125,16 @@ pub struct Running {
     /// Shared state (tests and the binary read it).
     pub app: Arc<App>,
     endpoint: quinn::Endpoint,
-    shutdown: watch::Sender<bool>,
+    /// Stops what takes events in (webhooks, SMTP, chat connections, new QUIC connections).
+    stop_ingress: watch::Sender<bool>,
+    /// Stops the admin listener and the metrics collector: last, so readiness stays observable.
+    stop_admin: watch::Sender<bool>,
     /// Lifecycle runners: aborted last.
     runners: Vec<tokio::task::JoinHandle<()>>,
-    /// Listeners and channel connections: they finish in-flight work once shutdown is signalled.
-    services: Vec<tokio::task::JoinHandle<()>>,
+    /// Ingress listeners and channel connections: they finish in-flight work once stopped.
+    ingress: Vec<tokio::task::JoinHandle<()>>,
+    /// The admin listener and the metrics collector.
+    admin: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// Opens the configured store.
@@ -203,9 +208,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         config,
     });
 
-    let (shutdown, shutdown_rx) = watch::channel(false);
+    let (stop_ingress, shutdown_rx) = watch::channel(false);
+    let (stop_admin, admin_rx) = watch::channel(false);
     let mut runners = Vec::new();
     let mut tasks = Vec::new();
+    let mut admin_tasks = Vec::new();
 
     let public = if app.config.server.public_addr.ends_with(":0") {
         quic_addr.to_string()
@@ -225,11 +232,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     for name in app.config.webhooks.keys() {
         metrics.connection_state("webhook", name, "listening");
     }
-    tasks.push(crate::metrics::spawn_collector(
+    admin_tasks.push(crate::metrics::spawn_collector(
         metrics.clone(),
         app.store.clone(),
         app.fleet.clone(),
-        shutdown_rx.clone(),
+        admin_rx.clone(),
     ));
 
     let sink = app.clone() as Arc<dyn EventSink>;
@@ -248,10 +255,21 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .await
         .with_context(|| format!("binding the admin API on {}", app.config.server.admin_listen))?;
     let admin_addr = admin_listener.local_addr()?;
-    tasks.push(serve_http(admin_listener, admin::router(app.clone()), shutdown_rx.clone()));
+    admin_tasks.push(serve_http(admin_listener, admin::router(app.clone()), admin_rx));
 
     tasks.push(tokio::spawn(session::serve(app.clone(), endpoint.clone(), shutdown_rx)));
-    Ok(Running { quic_addr, http_addr, admin_addr, app, endpoint, shutdown, runners, services: tasks })
+    Ok(Running {
+        quic_addr,
+        http_addr,
+        admin_addr,
+        app,
+        endpoint,
+        stop_ingress,
+        stop_admin,
+        runners,
+        ingress: tasks,
+        admin: admin_tasks,
+    })
 }
 
 /// Socket buffer size asked for the QUIC socket: replay bursts overflow the kernel default.
@@ -289,19 +307,52 @@ fn serve_http(
 }
 
 impl Running {
-    /// Stops in order: readiness, listeners (in-flight requests finish), sessions, runners.
+    /// Stops in an order a load balancer and the agents can observe:
+    /// 1. `/readyz` fails (new sessions are refused with `ShuttingDown`) while everything else
+    ///    keeps serving for `server.shutdown_delay`, so balancers stop routing here first;
+    /// 2. the ingress listeners stop accepting and their in-flight requests (durable writes)
+    ///    finish, bounded by `server.shutdown_grace`;
+    /// 3. agent sessions close with the reason "proxy shutting down" and flush their last ack;
+    /// 4. the admin listener stops last, and the lifecycle runners are aborted.
     pub async fn shutdown(self) {
+        let server = &self.app.config.server;
+        let (delay, grace) = (server.shutdown_delay, server.shutdown_grace);
         self.app.shutting_down.store(true, Ordering::Relaxed);
-        let _ = self.shutdown.send(true);
-        let grace = self.app.config.server.shutdown_grace;
-        let _ = tokio::time::timeout(grace, futures::future::join_all(self.services)).await;
-        for agent in self.app.fleet.values() {
-            agent.close_session("proxy shutting down");
+        tracing::info!(?delay, "shutting down: readiness fails now, listeners stop after the delay");
+        tokio::time::sleep(delay).await;
+
+        let _ = self.stop_ingress.send(true);
+        if tokio::time::timeout(grace, futures::future::join_all(self.ingress)).await.is_err() {
+            tracing::warn!(?grace, "in-flight requests did not finish within the shutdown grace");
         }
-        self.endpoint.close(1u32.into(), b"proxy shutting down");
-        let _ = tokio::time::timeout(grace, self.endpoint.wait_idle()).await;
+
+        for agent in self.app.fleet.values() {
+            agent.close_session(SHUTDOWN_REASON);
+        }
+        self.endpoint.close(1u32.into(), SHUTDOWN_REASON.as_bytes());
+        // A session detaches only after persisting its last ack.
+        let detached = async {
+            for agent in self.app.fleet.values() {
+                let mut detach = agent.watch_detach();
+                while agent.connected() {
+                    if detach.changed().await.is_err() {
+                        break;
+                    }
+                }
+            }
+            self.endpoint.wait_idle().await;
+        };
+        if tokio::time::timeout(grace, detached).await.is_err() {
+            tracing::warn!(?grace, "agent sessions did not close within the shutdown grace");
+        }
+
+        let _ = self.stop_admin.send(true);
+        let _ = tokio::time::timeout(grace, futures::future::join_all(self.admin)).await;
         for r in self.runners {
             r.abort();
         }
     }
 }
+
+/// What agents read as the close reason when the proxy stops.
+pub const SHUTDOWN_REASON: &str = "proxy shutting down";

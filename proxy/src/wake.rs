@@ -203,3 +203,73 @@ async fn put_to_sleep(agent: &AgentRuntime, driver: Option<&dyn WakeDriver>) -> 
         retryable: true,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use async_trait::async_trait;
+    use concierge_wakeup::WakeError;
+
+    use super::*;
+
+    /// A driver whose stop "succeeds" while the compute keeps running (a stop that did not
+    /// stick, a restart policy bringing the machine back).
+    #[derive(Default)]
+    struct StopDoesNotStick {
+        sleeps: AtomicU32,
+        status_calls: AtomicU32,
+    }
+
+    #[async_trait]
+    impl WakeDriver for StopDoesNotStick {
+        fn kind(&self) -> &'static str {
+            "stub"
+        }
+        async fn wake(&self, _req: &WakeRequest) -> Result<(), WakeError> {
+            Ok(())
+        }
+        fn can_sleep(&self) -> bool {
+            true
+        }
+        async fn sleep(&self, _agent: &str) -> Result<(), WakeError> {
+            self.sleeps.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        async fn status(&self, _agent: &str) -> Result<DriverStatus, WakeError> {
+            self.status_calls.fetch_add(1, Ordering::SeqCst);
+            Ok(DriverStatus::Running)
+        }
+    }
+
+    fn agent(sleep_after: &str) -> (Arc<AgentRuntime>, mpsc::UnboundedReceiver<Input>) {
+        let toml = format!(
+            "[agents.a]\ntoken = \"test-token-0123456789\"\n[agents.a.wake]\ndriver = \"exec\"\ncommand = [\"true\"]\nsleep_after = \"{sleep_after}\"\n"
+        );
+        let config = concierge_config::load_str(&toml, "test.toml").expect("valid test config");
+        AgentRuntime::new(config.agents["a"].clone(), 0, 0)
+    }
+
+    #[tokio::test]
+    async fn a_sleep_the_driver_reports_but_that_does_not_stick_is_recorded() {
+        let (runtime, inputs) = agent("50ms");
+        let driver = Arc::new(StopDoesNotStick::default());
+        let connect = ConnectInfo { addr: "127.0.0.1:1".into(), server_name: "localhost".into(), cert_sha256: None };
+        let runner = spawn(runtime.clone(), inputs, Some(driver.clone()), connect, Arc::new(Metrics::new(0)));
+        runtime.input(Input::Connected { at: Instant::now() });
+        runtime.input(Input::Idle); // nothing pending: the runner puts the agent to sleep
+
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let error = loop {
+            if let Some(e) = runtime.view().last_error {
+                break e;
+            }
+            assert!(Instant::now() < deadline, "no error recorded; view: {:?}", runtime.view().state);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(error, "sleep failed: stub driver reported sleep but the agent is still running");
+        assert_eq!(driver.sleeps.load(Ordering::SeqCst), 1, "the driver was asked to stop once");
+        assert!(driver.status_calls.load(Ordering::SeqCst) > 1, "the stop was checked more than once");
+        runner.abort();
+    }
+}

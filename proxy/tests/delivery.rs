@@ -198,3 +198,254 @@ async fn a_full_buffer_answers_429_until_the_agent_acks() {
     let e = tokio::time::timeout(Duration::from_secs(5), agent.next()).await.unwrap().unwrap().unwrap();
     assert_eq!((e.offset, e.data.text.as_deref()), (4, Some("m4")));
 }
+
+/// Waits (bounded) for a signalled proxy process to exit; returns its status.
+async fn wait_exit(proxy: &mut Proxy) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = proxy.child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(std::time::Instant::now() < deadline, "concierge did not exit after SIGTERM; log:\n{}", proxy.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One `AgentClient` with the default reconnect settings rides out a proxy restart on its
+/// own: a reconnect that meets the stopping proxy's `Reject(ShuttingDown)` is retried with
+/// backoff (not fatal), and once the successor is up the same client resumes from the
+/// durable cursor and receives the next new event; the caller never reconnects.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_client_rides_out_a_proxy_restart() {
+    use concierge_protocol::client::{AgentClient, ClientOptions};
+    use concierge_protocol::tls::Trust;
+    let dir = tempfile::tempdir().unwrap();
+    let ports = fixed_ports();
+    let body = format!(
+        "{}\n[webhooks.in]\nagent = \"a\"\nverify = \"none\"\n",
+        agent_section("a", "driver = \"none\"\npolicy = \"never\"")
+    );
+    let config = write_config_with(dir.path(), &Backend::Embedded, ports, "shutdown_delay = \"5s\"", &body);
+    let mut proxy = Proxy::start(&config);
+    post_n(&proxy, 3).await;
+    let options = ClientOptions::new(proxy.quic.clone(), "a", TOKEN, Trust::Pinned(proxy.cert_sha256.clone()));
+    let mut agent = AgentClient::connect(options).await.expect("agent connects");
+    let first = receive_n(&mut agent, 3, Duration::from_secs(10)).await;
+    assert_eq!(first.iter().map(|e| e.offset).collect::<Vec<_>>(), vec![1, 2, 3]);
+    proxy.wait_cursor("a", 3, Duration::from_secs(10)).await;
+
+    unsafe { libc::kill(proxy.child.id() as i32, libc::SIGTERM) };
+    let unready = eventually(Duration::from_secs(5), || async {
+        (proxy.admin_status("/readyz", None).await == 503).then_some(())
+    })
+    .await;
+    assert!(unready.is_some(), "/readyz did not fail after SIGTERM");
+    // An operator action restarts the session during the shutdown delay, so the client's
+    // reconnect meets the stopping proxy and is refused with ShuttingDown.
+    let r = http_client()
+        .post(format!("http://{}/api/agents/a/redeliver", proxy.admin))
+        .json(&serde_json::json!({ "from": 4 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200, "{:?}", r.text().await);
+    let refused =
+        eventually(Duration::from_secs(10), || async { proxy.log().contains("ShuttingDown").then_some(()) }).await;
+    assert!(refused.is_some(), "the reconnect never met ShuttingDown; log:\n{}", proxy.log());
+    let status = wait_exit(&mut proxy).await;
+    assert!(status.success(), "{status:?}");
+
+    let proxy = Proxy::start(&config);
+    assert_eq!(proxy.quic, format!("127.0.0.1:{}", ports[0]), "restart reuses the QUIC port");
+    post_n_from(&proxy, 4, 4).await;
+    let next = receive_n(&mut agent, 1, Duration::from_secs(90)).await;
+    assert_eq!(next[0].offset, 4, "resumed after the cursor, no event twice");
+    assert_eq!(agent.welcome().cursor, 3, "the welcome of the new session");
+    proxy.wait_cursor("a", 4, Duration::from_secs(10)).await;
+    expect_no_more(&mut agent, Duration::from_millis(500)).await;
+}
+
+/// GET on the admin API, as JSON.
+async fn admin_json(proxy: &Proxy, path: &str) -> serde_json::Value {
+    let r = http_client().get(format!("http://{}{path}", proxy.admin)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200, "GET {path}");
+    r.json().await.unwrap()
+}
+
+fn offsets(page: &serde_json::Value) -> Vec<u64> {
+    page["events"].as_array().unwrap().iter().map(|e| e["offset"].as_u64().unwrap()).collect()
+}
+
+/// `/api/agents` shows what is buffered (bytes, and the oldest event's age, growing while it
+/// waits; both cleared once acked), and `/events?after=&limit=` pages through the log with
+/// `next_after` as the cursor of the next page.
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_api_shows_buffered_bytes_and_age_and_pages_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&config(dir.path()));
+    post_n(&proxy, 5).await;
+
+    // Bytes and age come from a periodic store snapshot: wait (bounded) for one.
+    let buffered = eventually(Duration::from_secs(30), || async {
+        let a = proxy.agent("a").await;
+        (a["pending_bytes"].as_u64().is_some_and(|b| b > 0) && a["oldest_pending_age_ms"].is_u64()).then_some(a)
+    })
+    .await;
+    let Some(buffered) = buffered else {
+        panic!("no pending_bytes/oldest_pending_age_ms while buffered: {}", proxy.agents().await);
+    };
+    assert_eq!(buffered["pending"], 5, "{buffered}");
+    let age = buffered["oldest_pending_age_ms"].as_u64().unwrap();
+    let older = eventually(Duration::from_secs(10), || async {
+        proxy.agent("a").await["oldest_pending_age_ms"].as_u64().filter(|a| *a > age)
+    })
+    .await;
+    assert!(older.is_some(), "oldest_pending_age_ms never grew past {age}");
+
+    let page = admin_json(&proxy, "/api/agents/a/events?after=2&limit=2").await;
+    assert_eq!(offsets(&page), vec![3, 4], "{page}");
+    assert_eq!(page["next_after"], 4, "{page}");
+    let page = admin_json(&proxy, "/api/agents/a/events?after=4&limit=2").await;
+    assert_eq!((offsets(&page), &page["next_after"]), (vec![5], &serde_json::json!(5)), "{page}");
+    let page = admin_json(&proxy, "/api/agents/a/events?after=5&limit=2").await;
+    assert_eq!((offsets(&page), &page["next_after"]), (vec![], &serde_json::Value::Null), "{page}");
+
+    let mut agent = proxy.connect("a").await;
+    receive_n(&mut agent, 5, Duration::from_secs(10)).await;
+    let drained = eventually(Duration::from_secs(30), || async {
+        let a = proxy.agent("a").await;
+        (a["pending"] == 0 && a["pending_bytes"] == 0 && a["oldest_pending_age_ms"].is_null()).then_some(())
+    })
+    .await;
+    assert!(drained.is_some(), "figures not cleared after the ack: {}", proxy.agent("a").await);
+}
+
+/// Environment of [`sigkilled_agent_child`]: proxy address, pin, agent id, events to receive
+/// and the offset to ack before waiting to be killed.
+const CHILD_ENV: [&str; 5] =
+    ["KILL_CHILD_ADDR", "KILL_CHILD_PIN", "KILL_CHILD_AGENT", "KILL_CHILD_RECEIVE", "KILL_CHILD_ACK"];
+
+/// A real agent process for [`agent_process_sigkilled_mid_batch`]: receives the events, acks
+/// a prefix, says so on stdout, then waits to be SIGKILLed (no QUIC close ever goes out).
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "helper process for agent_process_sigkilled_mid_batch_*"]
+async fn sigkilled_agent_child() {
+    let vars: Option<Vec<String>> = CHILD_ENV.iter().map(|k| std::env::var(k).ok()).collect();
+    let Some([addr, pin, agent, receive, ack]) = vars.and_then(|v| <[String; 5]>::try_from(v).ok()) else {
+        return; // run by hand without the parent: nothing to do
+    };
+    let (receive, ack): (usize, u64) = (receive.parse().unwrap(), ack.parse().unwrap());
+    let options =
+        concierge_protocol::client::ClientOptions::new(addr, agent, TOKEN, concierge_protocol::tls::Trust::Pinned(pin));
+    let mut client = concierge_protocol::client::AgentClient::connect(options).await.expect("child connects");
+    let events = receive_n_unacked(&mut client, receive, Duration::from_secs(30)).await;
+    let offsets: Vec<u64> = events.iter().map(|e| e.offset).collect();
+    println!("RECEIVED {offsets:?}");
+    client.ack(ack);
+    println!("ACKED {ack}");
+    std::future::pending::<()>().await;
+}
+
+/// A child process that does not outlive a failed test.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A real agent process receives 20 events, acks 7 and is SIGKILLed (its connection vanishes
+/// without a close); a new session gets exactly 8..=20 in order, superseding the dead one.
+async fn agent_process_sigkilled_mid_batch(backend: Backend, agent: &str) {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!("{}{}", self_connecting_agent(agent), webhook_route("in", agent, ""));
+    let proxy = Proxy::start(&write_config(dir.path(), &backend, [0, 0, 0], &body));
+    for i in 1..=20 {
+        let (status, _) = proxy.post(agent, "in", &format!("{{\"text\":\"m{i}\"}}"), Some(&format!("k{i}"))).await;
+        assert_eq!(status, 202);
+    }
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "sigkilled_agent_child", "--ignored", "--nocapture", "--test-threads=1"])
+        .envs(CHILD_ENV.iter().zip([proxy.quic.as_str(), proxy.cert_sha256.as_str(), agent, "20", "7"]))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    let stdout = std::io::BufReader::new(child.0.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut received = None;
+    loop {
+        let line = rx.recv_timeout(Duration::from_secs(60)).expect("the child reports its progress");
+        // libtest may print "test sigkilled_agent_child ... " in front of the first line.
+        if let Some(at) = line.find("RECEIVED ") {
+            received = Some(line[at + "RECEIVED ".len()..].to_string());
+        }
+        if line.ends_with("ACKED 7") {
+            break;
+        }
+    }
+    assert_eq!(received.as_deref(), Some(format!("{:?}", (1..=20).collect::<Vec<u64>>()).as_str()));
+    proxy.wait_cursor(agent, 7, Duration::from_secs(10)).await;
+    child.0.kill().unwrap(); // SIGKILL
+    child.0.wait().unwrap();
+    assert_eq!(proxy.agent(agent).await["connected"], true, "the dead session is not noticed yet");
+
+    let mut second = proxy.connect(agent).await;
+    assert_eq!((second.welcome().cursor, second.welcome().backlog), (7, 13));
+    let events = receive_n(&mut second, 13, Duration::from_secs(20)).await;
+    assert_eq!(events.iter().map(|e| e.offset).collect::<Vec<_>>(), (8..=20).collect::<Vec<u64>>());
+    for e in &events {
+        assert_eq!(e.data.text.as_deref(), Some(format!("m{}", e.offset).as_str()));
+    }
+    expect_no_more(&mut second, Duration::from_millis(500)).await;
+    proxy.wait_cursor(agent, 20, Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_process_sigkilled_mid_batch_embedded() {
+    agent_process_sigkilled_mid_batch(Backend::Embedded, "a").await;
+}
+
+/// On the shared Redis (127.0.0.1:6379), under an agent id no other test uses.
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_process_sigkilled_mid_batch_redis() {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let agent = format!("sigkill-{}-{nanos:x}", std::process::id());
+    agent_process_sigkilled_mid_batch(Backend::Redis("redis://127.0.0.1:6379".into()), &agent).await;
+}
+
+/// `AgentClient::grant` changes the credit window mid-session and the proxy honours it: a
+/// smaller window holds deliveries back until acks make room, a larger one releases more
+/// without any ack.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_window_granted_mid_session_is_honoured() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&config(dir.path()));
+    post_n(&proxy, 10).await;
+    let mut options = proxy.client_options("a", TOKEN);
+    options.window = 4;
+    let mut agent = concierge_protocol::client::AgentClient::connect(options).await.unwrap();
+    let offsets = |events: Vec<concierge_protocol::Event>| events.iter().map(|e| e.offset).collect::<Vec<_>>();
+    assert_eq!(offsets(receive_n_unacked(&mut agent, 4, Duration::from_secs(5)).await), vec![1, 2, 3, 4]);
+    expect_no_more(&mut agent, Duration::from_millis(300)).await;
+
+    // Window 2 with offset 4 still in flight: room for exactly one more.
+    agent.grant(2);
+    agent.ack(3);
+    assert_eq!(offsets(receive_n_unacked(&mut agent, 1, Duration::from_secs(5)).await), vec![5]);
+    expect_no_more(&mut agent, Duration::from_millis(300)).await;
+
+    // Window 4 with 4 and 5 in flight: two more, no ack needed.
+    agent.grant(4);
+    assert_eq!(offsets(receive_n_unacked(&mut agent, 2, Duration::from_secs(5)).await), vec![6, 7]);
+    expect_no_more(&mut agent, Duration::from_millis(300)).await;
+}

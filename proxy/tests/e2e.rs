@@ -7,11 +7,37 @@ use std::time::Duration;
 
 use common::*;
 
+/// A Standard Webhooks secret (the spec's example format: `whsec_` + base64).
+const REPLY_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// Checks every reply the sink received the way a receiving server would: with the adapters'
+/// Standard Webhooks verification and the route's `reply_secret` (and refuses another secret).
+fn assert_replies_signed(sink: &Sink) {
+    use concierge_adapters::signature::{secret_bytes, standard_verify};
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let received = sink.received.lock().unwrap().clone();
+    assert!(!received.is_empty());
+    for (headers, body) in &received {
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let (id, ts, sig) = (header("webhook-id"), header("webhook-timestamp"), header("webhook-signature"));
+        let verified = standard_verify(&[secret_bytes(REPLY_SECRET)], id, ts, sig, body.as_bytes(), now);
+        assert!(verified.is_ok(), "reply {body} does not verify: {verified:?} (headers {headers:?})");
+        let other = secret_bytes("whsec_c29tZSBvdGhlciBzZWNyZXQgb2YgMjQgYnl0ZXM=");
+        assert!(standard_verify(&[other], id, ts, sig, body.as_bytes(), now).is_err(), "any secret verifies");
+    }
+}
+
 async fn webhook_to_woken_echo_agent_and_back(backend: Backend) {
+    webhook_to_woken_echo_agent_and_back_with(backend, None).await;
+}
+
+/// `reply_secret`: when set on the route, every reply must carry a valid signature.
+async fn webhook_to_woken_echo_agent_and_back_with(backend: Backend, reply_secret: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
     let sink = Sink::start().await;
+    let secret_line = reply_secret.map(|s| format!("reply_secret = \"{s}\"\n")).unwrap_or_default();
     let body = format!(
-        "{}\n[webhooks.demo]\nagent = \"echo\"\nverify = \"none\"\nreply_url = \"{}\"\n",
+        "{}\n[webhooks.demo]\nagent = \"echo\"\nverify = \"none\"\nreply_url = \"{}\"\n{secret_line}",
         agent_section("echo", &echo_wake("sleep_after = \"30s\"")),
         sink.url
     );
@@ -57,6 +83,13 @@ async fn webhook_to_woken_echo_agent_and_back(backend: Backend) {
     })
     .await;
     assert!(drained.is_some(), "wake record: {}", proxy.agent("echo").await["last_wake"]);
+    match reply_secret {
+        Some(_) => assert_replies_signed(&sink),
+        None => {
+            let received = sink.received.lock().unwrap();
+            assert!(received.iter().all(|(h, _)| !h.contains_key("webhook-signature")), "unsigned route");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -68,4 +101,9 @@ async fn end_to_end_on_the_embedded_store() {
 async fn end_to_end_on_redis() {
     let redis = Redis::start();
     webhook_to_woken_echo_agent_and_back(Backend::Redis(redis.url())).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn end_to_end_with_a_signed_reply() {
+    webhook_to_woken_echo_agent_and_back_with(Backend::Embedded, Some(REPLY_SECRET)).await;
 }

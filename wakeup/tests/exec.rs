@@ -271,3 +271,41 @@ async fn stop_command_runs_with_the_agent_name() {
     let err = failing.sleep("agent-1").await.expect_err("stop command fails");
     assert!(err.retryable && err.message.contains("no such container"), "{err:?}");
 }
+
+/// Helper process for [`inherited_concierge_variables_do_not_reach_the_agent`]: started with
+/// a `CONCIERGE_*` secret in its own environment (as the proxy would be), it wakes a command
+/// that writes its environment to `ENV_CHILD_OUT`.
+#[tokio::test]
+#[ignore = "helper process for inherited_concierge_variables_do_not_reach_the_agent"]
+async fn env_child() {
+    let Some(out) = std::env::var_os("ENV_CHILD_OUT") else {
+        return; // run by hand without the parent: nothing to do
+    };
+    let d = driver(sh("env > \"$OUT\""), vec![("OUT", Path::new(&out))], 2000);
+    d.wake(&request("agent-1")).await.expect("the command ran");
+}
+
+/// The proxy's own `CONCIERGE_*` settings (admin token, Redis URL...) are not the agent's
+/// business: the command sees the driver's variables (not inherited look-alikes) and the rest
+/// of the environment, never another `CONCIERGE_*` value.
+#[test]
+fn inherited_concierge_variables_do_not_reach_the_agent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("env");
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "env_child", "--ignored", "--test-threads=1"])
+        .env("ENV_CHILD_OUT", &out)
+        .env("CONCIERGE_ADMIN_TOKEN", "proxy-admin-secret-0123")
+        .env("CONCIERGE_AGENT", "spoofed-agent")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "helper failed: {status:?}");
+    let env = std::fs::read_to_string(&out).expect("the command wrote its environment");
+    assert!(!env.contains("proxy-admin-secret-0123"), "an inherited secret reached the agent:\n{env}");
+    assert!(!env.contains("spoofed-agent"), "an inherited CONCIERGE_AGENT reached the agent:\n{env}");
+    let lines: Vec<&str> = env.lines().collect();
+    assert!(lines.contains(&"CONCIERGE_AGENT=agent-1"), "{env}");
+    assert!(lines.contains(&"CONCIERGE_CONNECT=127.0.0.1:4433"), "{env}");
+    assert!(lines.iter().any(|l| l.starts_with("ENV_CHILD_OUT=")), "other variables are inherited:\n{env}");
+}
