@@ -178,6 +178,8 @@ enum Timer {
     ConnectTimeout,
     /// Idle long enough: put to sleep.
     SleepAfter,
+    /// The last sleep did not stick (the compute still runs, and costs): try it again.
+    SleepRetry,
 }
 
 /// The lifecycle of one agent.
@@ -195,6 +197,8 @@ pub struct Lifecycle {
     session_from_wake: bool,
     pending: bool,
     sleeping_requested: bool,
+    /// Sleeps in a row that failed (drives the sleep retry backoff).
+    sleep_failures: u32,
     current: Option<WakeRecord>,
     last: Option<WakeRecord>,
     last_error: Option<String>,
@@ -214,6 +218,7 @@ impl Lifecycle {
             session_from_wake: false,
             pending,
             sleeping_requested: false,
+            sleep_failures: 0,
             current: None,
             last: None,
             last_error: None,
@@ -265,8 +270,17 @@ impl Lifecycle {
             },
             Input::DriverReturned(result) => self.on_driver_returned(result, now),
             Input::SleepReturned(result) => {
-                if let Err(e) = result {
-                    self.last_error = Some(format!("sleep failed: {}", e.message));
+                let Err(e) = result else {
+                    self.sleep_failures = 0;
+                    return Vec::new();
+                };
+                self.last_error = Some(format!("sleep failed: {}", e.message));
+                // Asleep for us but still running (and billed) on the platform: try again,
+                // backing off, unless the agent is needed again meanwhile.
+                if e.retryable && self.state == State::Asleep && !self.pending && self.timer == Timer::None {
+                    self.sleep_failures += 1;
+                    let delay = backoff(self.settings.backoff_initial, self.settings.backoff_max, self.sleep_failures);
+                    self.set_timer(Timer::SleepRetry, Some(now + delay));
                 }
                 Vec::new()
             }
@@ -436,6 +450,7 @@ impl Lifecycle {
                 self.sleeping_requested = true;
                 vec![Action::Sleep]
             }
+            (Timer::SleepRetry, State::Asleep) if !self.pending => vec![Action::Sleep],
             _ => Vec::new(),
         }
     }
@@ -612,6 +627,37 @@ mod tests {
         assert_eq!(m.last_error(), None, "the stale failure is not this wake's");
         assert!(m.handle(Input::DriverReturned(Ok(())), at).is_empty());
         assert_eq!(m.deadline(), Some(at + Duration::from_secs(10)), "now waiting for the agent to connect");
+    }
+
+    #[test]
+    fn a_sleep_that_did_not_stick_is_retried_with_backoff_until_it_does() {
+        let t = Instant::now();
+        let mut m = Lifecycle::new(settings(Policy::Immediate), false);
+        m.handle(Input::Connected { at: t }, t);
+        assert_eq!(m.handle(Input::Idle, t), vec![Action::Sleep]);
+        m.handle(Input::Disconnected, t);
+        let still_running = || DriverFailure { message: "reported sleep but still running".into(), retryable: true };
+        m.handle(Input::SleepReturned(Err(still_running())), t);
+        assert_eq!(m.state(), State::Asleep);
+        assert!(m.last_error().unwrap().contains("still running"));
+        let first = m.deadline().expect("a sleep retry is scheduled");
+        assert_eq!(m.handle(Input::Timer, first), vec![Action::Sleep]);
+        m.handle(Input::SleepReturned(Err(still_running())), first);
+        let second = m.deadline().unwrap();
+        assert!(second - first > first - t, "the retries back off");
+        assert_eq!(m.handle(Input::Timer, second), vec![Action::Sleep]);
+        m.handle(Input::SleepReturned(Ok(())), second);
+        assert_eq!(m.deadline(), None, "a sleep that sticks ends the retries");
+
+        // Work arriving meanwhile wins: the agent is woken, not put to sleep again.
+        let mut m = Lifecycle::new(settings(Policy::Immediate), false);
+        m.handle(Input::Connected { at: t }, t);
+        m.handle(Input::Idle, t);
+        m.handle(Input::Disconnected, t);
+        m.handle(Input::SleepReturned(Err(still_running())), t);
+        let retry = m.deadline().unwrap();
+        assert_eq!(m.handle(Input::EventStored { received: t }, t), vec![Action::CallDriver { attempt: 1 }]);
+        assert_ne!(m.handle(Input::Timer, retry), vec![Action::Sleep]);
     }
 
     #[test]
