@@ -18,6 +18,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Json;
@@ -224,7 +225,36 @@ fn echo(s: &str) -> String {
 }
 
 async fn unknown_path() -> HookError {
+    count_refused(StatusCode::NOT_FOUND);
     HookError::new(StatusCode::NOT_FOUND, "unknown webhook path; expected POST /hooks/{agent}/{route}")
+}
+
+/// Outcomes of webhook requests refused before they reach the sink (which counts the rest).
+const REFUSED_OUTCOMES: [&str; 7] =
+    ["bad_request", "unauthorized", "unknown_route", "method_not_allowed", "timeout", "too_large", "refused"];
+
+/// Refused requests by outcome (index into [`REFUSED_OUTCOMES`]), process-wide: the sink never
+/// sees them, so the proxy reads these to count them in its ingress metric.
+static REFUSED: [AtomicU64; REFUSED_OUTCOMES.len()] = [const { AtomicU64::new(0) }; REFUSED_OUTCOMES.len()];
+
+fn count_refused(status: StatusCode) {
+    let outcome = match status {
+        StatusCode::BAD_REQUEST => 0,
+        StatusCode::UNAUTHORIZED => 1,
+        StatusCode::NOT_FOUND => 2,
+        StatusCode::METHOD_NOT_ALLOWED => 3,
+        StatusCode::REQUEST_TIMEOUT => 4,
+        StatusCode::PAYLOAD_TOO_LARGE => 5,
+        _ => 6,
+    };
+    REFUSED[outcome].fetch_add(1, Ordering::Relaxed);
+}
+
+/// Webhook requests refused before reaching the sink since the process started, as
+/// `(outcome, count)`: `unauthorized` (401, signature), `too_large` (413), `bad_request` (400),
+/// `unknown_route` (404), `method_not_allowed` (405), `timeout` (408, slow body), `refused`.
+pub fn refused_counts() -> Vec<(&'static str, u64)> {
+    REFUSED_OUTCOMES.iter().zip(&REFUSED).map(|(o, n)| (*o, n.load(Ordering::Relaxed))).collect()
 }
 
 #[derive(Serialize)]
@@ -244,7 +274,13 @@ async fn handle(
         Ok(Ingested { offset, duplicate }) => {
             (StatusCode::ACCEPTED, Json(Accepted { offset, duplicate })).into_response()
         }
-        Err(e) => e.into_response(),
+        Err(e) => {
+            // 503 and 429 come from the sink, which counted them already.
+            if !matches!(e.status, StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS) {
+                count_refused(e.status);
+            }
+            e.into_response()
+        }
     }
 }
 

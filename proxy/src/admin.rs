@@ -9,7 +9,7 @@
 //! carries no data, so it is served without a token; its script asks for one.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
@@ -35,8 +35,11 @@ use crate::metrics::state_name;
 const MAX_PAGE: usize = 1000;
 /// Most events one filtered listing examines; the answer says where to continue.
 const MAX_SCAN: usize = 5000;
-/// Audit entries kept in memory (they are also logged with target `audit`).
+/// Audit entries kept (in memory and in the store's `admin:audit` record; each is also
+/// logged with target `audit`).
 const AUDIT_KEEP: usize = 1000;
+/// The store state record holding the audit log (JSON, newest last).
+const AUDIT_KEY: &str = "admin:audit";
 /// Live-update streams served at once (each costs one fleet walk per tick).
 const MAX_STREAMS: usize = 16;
 /// How often the live stream sends changes.
@@ -55,14 +58,14 @@ pub enum Role {
 }
 
 /// One operator action, as recorded.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AuditEntry {
     /// Unix ms.
     pub at_ms: u64,
     /// Who: `admin` (token) or `open` (no token configured).
-    pub actor: &'static str,
+    pub actor: String,
     /// `wake`, `pause`, `resume`, `redeliver`, `drop`.
-    pub action: &'static str,
+    pub action: String,
     /// The agent acted on.
     pub agent: String,
     /// Parameters and effect.
@@ -71,31 +74,155 @@ pub struct AuditEntry {
     pub result: String,
 }
 
+/// The audit log: entries newest last, and whether the stored record was read yet.
+#[derive(Default)]
+struct AuditLog {
+    entries: VecDeque<AuditEntry>,
+    loaded: bool,
+}
+
 /// State of the admin listener: the app plus what only operators need.
 pub struct Admin {
     app: Arc<App>,
-    audit: Mutex<VecDeque<AuditEntry>>,
+    /// Async lock: recording an action writes the store record while holding it (actions are
+    /// rare; this keeps stored records in order).
+    audit: tokio::sync::Mutex<AuditLog>,
     streams: Arc<tokio::sync::Semaphore>,
     /// Agent ids, sorted (the fleet is fixed at start), so a fleet walk does not sort.
     ids: Vec<String>,
-    /// Webhook routes of each agent, computed once: per-row scans of every route made the
-    /// fleet view quadratic (1.6 s at 10,000 agents with a route each).
-    routes: HashMap<String, Vec<String>>,
+    /// Channels of each agent, computed once: per-row scans of every route made the fleet
+    /// view quadratic (1.6 s at 10,000 agents with a route each).
+    channels: HashMap<String, Vec<AgentChannel>>,
+    /// Unix ms when the admin listener started (the timeline knows nothing before).
+    started_at_ms: u64,
+}
+
+/// A channel that feeds an agent, and the held connection (registry key) it arrives through.
+struct AgentChannel {
+    kind: &'static str,
+    name: String,
+    /// `(channel, name)` in the connection registry; `None` for push-only channels (the
+    /// platform calls our webhook ingress, nothing is held).
+    held: Option<(String, String)>,
+}
+
+/// Every agent's channels from the config: webhook routes, Telegram/Slack/Discord bots,
+/// WhatsApp numbers and email addresses.
+fn agent_channels(config: &concierge_config::Config) -> HashMap<String, Vec<AgentChannel>> {
+    use concierge_config::{SlackMode, TelegramMode};
+    let mut map: HashMap<String, Vec<AgentChannel>> = HashMap::new();
+    let mut add = |agent: &str, kind: &'static str, name: &str, held: Option<(&str, &str)>| {
+        map.entry(agent.to_string()).or_default().push(AgentChannel {
+            kind,
+            name: name.to_string(),
+            held: held.map(|(c, n)| (c.to_string(), n.to_string())),
+        });
+    };
+    for (name, hook) in &config.webhooks {
+        add(&hook.agent, "webhook", name, Some(("webhook", name)));
+    }
+    for (name, bot) in &config.telegram {
+        add(&bot.agent, "telegram", name, (bot.mode == TelegramMode::Poll).then_some(("telegram", name)));
+    }
+    for (name, app) in &config.slack {
+        add(&app.agent, "slack", name, (app.mode == SlackMode::Socket).then_some(("slack", name)));
+    }
+    for (name, bot) in &config.discord {
+        add(&bot.agent, "discord", name, Some(("discord", name)));
+    }
+    for (name, number) in &config.whatsapp {
+        add(&number.agent, "whatsapp", name, None);
+    }
+    if let Some(smtp) = &config.smtp {
+        let listener = smtp.listen.to_string();
+        for (address, agent) in &smtp.addresses {
+            add(agent, "email", address, Some(("smtp", &listener)));
+        }
+    }
+    map
+}
+
+/// A channel of a fleet row with the state of its held connection: the registry's state
+/// (`connected`, `listening`, `reconnecting`, `failed`, ...), `starting` before the adapter
+/// first reported, or `push` when nothing is held (the platform calls the ingress).
+#[derive(Clone, Serialize)]
+struct ChannelRow<'a> {
+    kind: &'static str,
+    name: &'a str,
+    state: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_error: Option<String>,
+}
+
+/// Held connections by registry key: state and last error (read once per fleet answer).
+type ConnectionStates = HashMap<(String, String), (String, Option<String>)>;
+
+fn connection_states(app: &App) -> ConnectionStates {
+    app.metrics.connections().into_iter().map(|c| ((c.channel, c.name), (c.state, c.last_error))).collect()
 }
 
 impl Admin {
-    fn record(&self, action: &'static str, agent: &str, detail: String, result: &Result<(), String>) {
+    /// Records an action: in memory, in the store's audit record, and as an `audit` log line.
+    async fn record(&self, action: &'static str, agent: &str, detail: String, result: &Result<(), String>) {
         let actor = if self.app.config.server.admin_token.is_some() { "admin" } else { "open" };
         let result = match result {
             Ok(()) => "ok".to_string(),
             Err(e) => e.clone(),
         };
         tracing::info!(target: "audit", actor, action, agent, %detail, %result, "operator action");
-        let mut log = self.audit.lock().unwrap_or_else(|e| e.into_inner());
-        if log.len() >= AUDIT_KEEP {
-            log.pop_front();
+        let entry = AuditEntry {
+            at_ms: now_ms(),
+            actor: actor.into(),
+            action: action.into(),
+            agent: agent.to_string(),
+            detail,
+            result,
+        };
+        let mut log = self.audit_log().await;
+        log.entries.push_back(entry);
+        while log.entries.len() > AUDIT_KEEP {
+            log.entries.pop_front();
         }
-        log.push_back(AuditEntry { at_ms: now_ms(), actor, action, agent: agent.to_string(), detail, result });
+        if !log.loaded {
+            // The stored record could not be read: writing now would replace older entries.
+            tracing::warn!(key = AUDIT_KEY, "audit entry kept in memory only: the stored audit log is unreadable");
+            return;
+        }
+        match serde_json::to_vec(&log.entries) {
+            Ok(bytes) => {
+                if let Err(e) = self.app.store.put_state(AUDIT_KEY, &bytes).await {
+                    tracing::warn!(key = AUDIT_KEY, error = %e, "audit entry kept in memory only: store write failed");
+                }
+            }
+            Err(e) => tracing::warn!(key = AUDIT_KEY, error = %e, "cannot encode the audit log"),
+        }
+    }
+
+    /// The audit log, read from the store first if that has not succeeded yet (stored entries
+    /// go before any recorded while the store was unreadable).
+    async fn audit_log(&self) -> tokio::sync::MutexGuard<'_, AuditLog> {
+        let mut log = self.audit.lock().await;
+        if !log.loaded {
+            match self.app.store.get_state(AUDIT_KEY).await {
+                Ok(None) => log.loaded = true,
+                Ok(Some(bytes)) => match serde_json::from_slice::<VecDeque<AuditEntry>>(&bytes) {
+                    Ok(mut stored) => {
+                        stored.extend(log.entries.drain(..));
+                        while stored.len() > AUDIT_KEEP {
+                            stored.pop_front();
+                        }
+                        log.entries = stored;
+                        log.loaded = true;
+                    }
+                    Err(e) => {
+                        // Keep it unloaded so the corrupt record is not overwritten silently.
+                        tracing::warn!(key = AUDIT_KEY, error = %e, "the stored audit log is corrupt; not overwriting it")
+                    }
+                },
+                Err(e) => tracing::warn!(key = AUDIT_KEY, error = %e, "cannot read the stored audit log yet"),
+            }
+        }
+        log
     }
 }
 
@@ -103,17 +230,20 @@ impl Admin {
 pub fn router(app: Arc<App>) -> axum::Router {
     let mut ids: Vec<String> = app.fleet.keys().cloned().collect();
     ids.sort();
-    let mut routes: HashMap<String, Vec<String>> = HashMap::new();
-    for (name, hook) in &app.config.webhooks {
-        routes.entry(hook.agent.clone()).or_default().push(name.clone());
-    }
+    let by_agent = agent_channels(&app.config);
     let admin = Arc::new(Admin {
         app,
-        audit: Mutex::new(VecDeque::new()),
+        audit: tokio::sync::Mutex::new(AuditLog::default()),
         streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
         ids,
-        routes,
+        channels: by_agent,
+        started_at_ms: now_ms(),
     });
+    // Read the stored audit log now rather than at the first look or action.
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        let admin = admin.clone();
+        runtime.spawn(async move { drop(admin.audit_log().await) });
+    }
     let api = axum::Router::new()
         .route("/api/agents", get(agents))
         .route("/api/agents/{id}", get(agent_detail))
@@ -194,38 +324,26 @@ async fn whoami(axum::Extension(role): axum::Extension<Role>) -> Response {
     Json(json!({ "role": role, "can_act": role == Role::Admin })).into_response()
 }
 
-/// Live figures straight from the store (one `stats` call per agent): kept for scripts and
-/// tests; the dashboard uses `/api/fleet`, which answers from memory.
+/// Every agent with its figures, for scripts: answered like `/api/fleet` from memory (state,
+/// counts, cursor, head) and the periodic snapshot (bytes, oldest age, epoch; see
+/// `stats_at_ms`), so it costs no store round trip (one `stats` call per agent took ~1 s at
+/// 10,000 agents).
 async fn agents(State(admin): State<Arc<Admin>>) -> Response {
-    let app = &admin.app;
-    let now = now_ms();
-    let mut ids: Vec<&String> = app.fleet.keys().collect();
-    ids.sort();
-    let mut out = Vec::with_capacity(ids.len());
-    for id in ids {
-        let agent = &app.fleet[id];
-        let view = agent.view();
-        let stats = match app.store.stats(id).await {
-            Ok(s) => s,
-            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}")),
-        };
-        out.push(json!({
-            "id": id,
-            "state": view.state,
-            "connected": agent.connected(),
-            "paused": agent.paused(),
-            "pending": stats.pending,
-            "pending_bytes": stats.pending_bytes,
-            "oldest_pending_age_ms": stats.oldest_pending_ms.map(|t| now.saturating_sub(t)),
-            "cursor": stats.position.cursor,
-            "head": stats.position.head,
-            "epoch": stats.position.epoch,
-            "last_wake": view.last_wake,
-            "last_error": view.last_error,
-            "next_action_in_ms": view.next_action_in_ms,
-        }));
+    /// Serialized straight from the rows, like [`FleetAnswer`].
+    #[derive(Serialize)]
+    struct AgentsAnswer<'a> {
+        agents: &'a [Row<'a>],
+        warnings: Value,
+        stats_at_ms: u64,
     }
-    Json(json!({ "agents": out, "warnings": app.warnings })).into_response()
+    let rows = fleet_rows(&admin);
+    let status = status(&admin.app);
+    Json(AgentsAnswer {
+        agents: &rows,
+        warnings: status["warnings"].clone(),
+        stats_at_ms: status["stats_at_ms"].as_u64().unwrap_or(0),
+    })
+    .into_response()
 }
 
 /// One fleet-view row: live lifecycle and in-memory counts, bytes and age from the snapshot.
@@ -242,15 +360,23 @@ struct Row<'a> {
     oldest_pending_age_ms: Option<u64>,
     cursor: u64,
     head: u64,
+    /// The log's epoch as of the snapshot.
+    epoch: Option<u64>,
     last_wake: Option<crate::lifecycle::WakeRecord>,
     last_error: Option<String>,
     next_action_in_ms: Option<u64>,
     policy: String,
     driver: &'static str,
-    channels: &'a [String],
+    channels: Vec<ChannelRow<'a>>,
 }
 
-fn row<'a>(admin: &'a Admin, agent: &'a AgentRuntime, snapshot: &crate::metrics::Snapshot, now: u64) -> Row<'a> {
+fn row<'a>(
+    admin: &'a Admin,
+    agent: &'a AgentRuntime,
+    snapshot: &crate::metrics::Snapshot,
+    held: &ConnectionStates,
+    now: u64,
+) -> Row<'a> {
     let view = agent.view();
     let stats = snapshot.agents.get(agent.id());
     Row {
@@ -258,17 +384,32 @@ fn row<'a>(admin: &'a Admin, agent: &'a AgentRuntime, snapshot: &crate::metrics:
         state: view.state,
         connected: agent.connected(),
         paused: agent.paused(),
-        pending: agent.pending(),
+        // Head minus cursor is live; the store's count also leaves out dropped events, so it
+        // wins while the snapshot is as new as the in-memory position.
+        pending: stats
+            .filter(|s| s.position.head == agent.head() && s.position.cursor == agent.cursor())
+            .map_or_else(|| agent.pending(), |s| s.pending),
         pending_bytes: stats.map(|s| s.pending_bytes),
         oldest_pending_age_ms: stats.and_then(|s| s.oldest_pending_ms).map(|t| now.saturating_sub(t)),
         cursor: agent.cursor(),
         head: agent.head(),
+        epoch: stats.map(|s| s.position.epoch),
         last_wake: view.last_wake,
         last_error: view.last_error,
         next_action_in_ms: view.next_action_in_ms,
         policy: agent.config.wake.policy.to_string(),
         driver: agent.config.wake.driver.name(),
-        channels: admin.routes.get(agent.id()).map_or(&[], Vec::as_slice),
+        channels: admin.channels.get(agent.id()).map_or_else(Vec::new, |all| {
+            all.iter()
+                .map(|c| {
+                    let (state, last_error) = match &c.held {
+                        None => ("push".to_string(), None),
+                        Some(key) => held.get(key).cloned().unwrap_or_else(|| ("starting".to_string(), None)),
+                    };
+                    ChannelRow { kind: c.kind, name: &c.name, state, last_error }
+                })
+                .collect()
+        }),
     }
 }
 
@@ -305,13 +446,15 @@ fn totals(rows: &[Row<'_>]) -> Value {
 fn fleet_rows(admin: &Admin) -> Vec<Row<'_>> {
     let app = &admin.app;
     let snapshot = app.metrics.snapshot();
+    let held = connection_states(app);
     let now = now_ms();
-    admin.ids.iter().map(|id| row(admin, &app.fleet[id], &snapshot, now)).collect()
+    admin.ids.iter().map(|id| row(admin, &app.fleet[id], &snapshot, &held, now)).collect()
 }
 
 fn status(app: &App) -> Value {
     let snapshot = app.metrics.snapshot();
-    let mut warnings = app.warnings.clone();
+    // Re-checked on the snapshot timer; the start-up check until the first one.
+    let mut warnings = snapshot.store_warnings.clone().unwrap_or_else(|| app.warnings.clone());
     if let Some(e) = &snapshot.store_error {
         warnings.push(format!("the store cannot be read: {e}"));
     }
@@ -389,9 +532,10 @@ async fn agent_detail(State(admin): State<Arc<Admin>>, Path(id): Path<String>) -
     let Some(agent) = app.fleet.get(&id) else {
         return not_found(&id);
     };
-    let mut out = json!(row(&admin, agent, &app.metrics.snapshot(), now_ms()));
+    let mut out = json!(row(&admin, agent, &app.metrics.snapshot(), &connection_states(app), now_ms()));
     match app.store.stats(&id).await {
         Ok(s) => {
+            out["pending"] = json!(s.pending);
             out["pending_bytes"] = json!(s.pending_bytes);
             out["oldest_pending_age_ms"] = json!(s.oldest_pending_ms.map(|t| now_ms().saturating_sub(t)));
             out["cursor"] = json!(s.position.cursor);
@@ -415,6 +559,9 @@ async fn agent_detail(State(admin): State<Arc<Admin>>, Path(id): Path<String>) -
     });
     out["retain_acked"] = json!(app.config.store.retain_acked);
     out["wake_history"] = json!(agent.wake_history());
+    out["state_changes"] = json!(agent.state_changes());
+    out["arrivals"] = json!(agent.arrivals());
+    out["started_at_ms"] = json!(admin.started_at_ms);
     out["buffer_history"] = json!(app.metrics.history(&id));
     Json(out).into_response()
 }
@@ -507,7 +654,13 @@ async fn event_detail(State(admin): State<Arc<Admin>>, Path((id, offset)): Path<
                 let mut out = event_json(&e);
                 let cursor = agent.cursor();
                 out["status"] = json!(if offset <= cursor { "acknowledged" } else { "pending" });
-                out["delivered_by_this_process"] = json!(offset <= agent.note_delivered(0));
+                out["delivered_by_this_process"] = json!(offset <= agent.delivered_up_to());
+                // Every time this process wrote the event to the agent (a count above 1 means
+                // it was redelivered: not acknowledged before a reconnect, or rewound).
+                let (deliveries, complete) = agent.deliveries_of(offset);
+                out["delivery_attempts"] = json!(deliveries.len());
+                out["deliveries"] = json!(deliveries);
+                out["delivery_attempts_complete"] = json!(complete);
                 if let Some(text) = out["raw"]["text"].as_str()
                     && let Ok(parsed) = serde_json::from_str::<Value>(text)
                 {
@@ -578,9 +731,9 @@ async fn channels(State(admin): State<Arc<Admin>>) -> Response {
 }
 
 async fn audit(State(admin): State<Arc<Admin>>) -> Response {
-    let log = admin.audit.lock().unwrap_or_else(|e| e.into_inner());
-    let entries: Vec<&AuditEntry> = log.iter().rev().collect();
-    Json(json!({ "entries": entries })).into_response()
+    let log = admin.audit_log().await;
+    let entries: Vec<&AuditEntry> = log.entries.iter().rev().collect();
+    Json(json!({ "entries": entries, "stored": log.loaded })).into_response()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -591,30 +744,27 @@ async fn wake(State(admin): State<Arc<Admin>>, Path(id): Path<String>) -> Respon
         return not_found(&id);
     };
     agent.input(Input::WakeRequested);
-    admin.record("wake", &id, format!("state was {}", state_name(agent.view().state)), &Ok(()));
+    admin.record("wake", &id, format!("state was {}", state_name(agent.view().state)), &Ok(())).await;
     (StatusCode::ACCEPTED, Json(json!({ "agent": id, "wake": "requested" }))).into_response()
 }
 
 async fn pause(State(admin): State<Arc<Admin>>, Path(id): Path<String>) -> Response {
-    set_paused(&admin, id, true)
+    set_paused(&admin, id, true).await
 }
 
 async fn resume(State(admin): State<Arc<Admin>>, Path(id): Path<String>) -> Response {
-    set_paused(&admin, id, false)
+    set_paused(&admin, id, false).await
 }
 
-fn set_paused(admin: &Admin, id: String, paused: bool) -> Response {
+async fn set_paused(admin: &Admin, id: String, paused: bool) -> Response {
     let Some(agent) = admin.app.fleet.get(&id) else {
         return not_found(&id);
     };
     let changed = agent.set_paused(paused);
     let action = if paused { "pause" } else { "resume" };
-    admin.record(
-        action,
-        &id,
-        if changed { "delivery ".to_string() + action + "d" } else { "no change".into() },
-        &Ok(()),
-    );
+    admin
+        .record(action, &id, if changed { "delivery ".to_string() + action + "d" } else { "no change".into() }, &Ok(()))
+        .await;
     Json(json!({ "agent": id, "paused": paused, "changed": changed })).into_response()
 }
 
@@ -639,11 +789,11 @@ async fn redeliver(State(admin): State<Arc<Admin>>, Path(id): Path<String>, Json
         Ok(cursor) => {
             agent.rewound(cursor);
             agent.close_session("delivery position changed by an operator");
-            admin.record("redeliver", &id, detail, &Ok(()));
+            admin.record("redeliver", &id, detail, &Ok(())).await;
             Json(json!({ "agent": id, "cursor": cursor })).into_response()
         }
         Err(e) => {
-            admin.record("redeliver", &id, detail, &Err(e.to_string()));
+            admin.record("redeliver", &id, detail, &Err(e.to_string())).await;
             let status = match e {
                 concierge_store::StoreError::Rejected(_) => StatusCode::CONFLICT,
                 _ => StatusCode::SERVICE_UNAVAILABLE,
@@ -653,17 +803,64 @@ async fn redeliver(State(admin): State<Arc<Admin>>, Path(id): Path<String>, Json
     }
 }
 
+/// Most offsets one drop names, and most pending events a filtered drop examines.
+const MAX_DROP: usize = 10_000;
+
 #[derive(Deserialize)]
 struct Drop {
-    /// Drop every pending event up to and including this offset.
-    up_to: u64,
+    /// Drop every pending event up to and including this offset (acknowledged for the agent).
+    up_to: Option<u64>,
+    /// Drop exactly these pending events.
+    offsets: Option<Vec<u64>>,
+    /// Drop the pending events matching this filter (the event list's fields), among the
+    /// first [`MAX_DROP`] pending events.
+    filter: Option<Page>,
     /// Only count what would be dropped.
     #[serde(default)]
     preview: bool,
 }
 
-/// Drops pending events up to an offset by acknowledging them on the agent's behalf (they
-/// stay readable within `retain_acked`, so a drop can be undone with redeliver).
+/// Pending offsets of `id` matching `filter`, among the first [`MAX_DROP`] pending events;
+/// also whether every pending event was examined.
+async fn matching_pending(app: &App, id: &str, cursor: u64, filter: &Page) -> Result<(Vec<u64>, bool), Response> {
+    let (mut after, mut scanned, mut found) = (cursor, 0, Vec::new());
+    while scanned < MAX_DROP {
+        let batch = app
+            .store
+            .read(id, after, MAX_PAGE.min(MAX_DROP - scanned))
+            .await
+            .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}")))?;
+        let Some(last) = batch.last() else { return Ok((found, true)) };
+        after = last.offset;
+        scanned += batch.len();
+        found.extend(batch.iter().filter(|e| e.offset > cursor && filter.keeps(e)).map(|e| e.offset));
+    }
+    Ok((found, false))
+}
+
+/// Describes a filter for the audit log.
+fn describe(filter: &Page) -> String {
+    let mut parts = Vec::new();
+    for (name, value) in
+        [("channel", &filter.channel), ("conversation", &filter.conversation), ("dedupe_key", &filter.dedupe_key)]
+    {
+        if let Some(v) = value.as_deref().filter(|v| !v.is_empty()) {
+            parts.push(format!("{name} contains {v:?}"));
+        }
+    }
+    if let Some(t) = filter.since_ms {
+        parts.push(format!("received at or after {t} ms"));
+    }
+    if let Some(t) = filter.until_ms {
+        parts.push(format!("received at or before {t} ms"));
+    }
+    if parts.is_empty() { "every pending event".into() } else { parts.join(", ") }
+}
+
+/// Drops pending events, in one of three ways: `up_to` acknowledges a prefix on the agent's
+/// behalf (the events stay readable within `retain_acked`, so redeliver undoes it);
+/// `offsets` or `filter` remove exactly those pending events from the log (`Store::drop_events`:
+/// never delivered, no longer counted). `preview` only counts.
 async fn drop_events(State(admin): State<Arc<Admin>>, Path(id): Path<String>, Json(body): Json<Drop>) -> Response {
     let app = &admin.app;
     let Some(agent) = app.fleet.get(&id) else {
@@ -673,24 +870,82 @@ async fn drop_events(State(admin): State<Arc<Admin>>, Path(id): Path<String>, Js
         Ok(p) => p,
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}")),
     };
-    let target = body.up_to.min(position.head);
-    let count = target.saturating_sub(position.cursor);
+    let (offsets, detail, complete) = match (body.up_to, body.offsets, body.filter) {
+        (Some(up_to), None, None) => return drop_prefix(&admin, agent, &id, position, up_to, body.preview).await,
+        (None, Some(mut offsets), None) => {
+            if offsets.len() > MAX_DROP {
+                return error(StatusCode::BAD_REQUEST, format!("at most {MAX_DROP} offsets per drop"));
+            }
+            offsets.sort_unstable();
+            offsets.dedup();
+            offsets.retain(|&o| o > position.cursor && o <= position.head);
+            let shown: Vec<String> = offsets.iter().take(20).map(u64::to_string).collect();
+            let more = if offsets.len() > 20 { ", …" } else { "" };
+            (offsets.clone(), format!("offsets {}{more}", shown.join(", ")), true)
+        }
+        (None, None, Some(filter)) => match matching_pending(app, &id, position.cursor, &filter).await {
+            Ok((offsets, complete)) => (offsets, format!("filter: {}", describe(&filter)), complete),
+            Err(response) => return response,
+        },
+        _ => return error(StatusCode::BAD_REQUEST, "give exactly one of up_to, offsets or filter"),
+    };
     if body.preview {
+        return Json(json!({
+            "agent": id,
+            "would_drop": offsets.len(),
+            "offsets": offsets,
+            "complete": complete,
+            "cursor": position.cursor,
+        }))
+        .into_response();
+    }
+    match app.store.drop_events(&id, &offsets).await {
+        Ok(dropped) => {
+            // The cursor moves over dropped events right after it; a live session may hold
+            // dropped events in flight, so it restarts and replays from the store.
+            if let Ok(p) = app.store.position(&id).await {
+                agent.acked(p.cursor);
+            }
+            if dropped > 0 {
+                agent.close_session("delivery position changed by an operator");
+            }
+            admin.record("drop", &id, format!("{detail} ({dropped} events)"), &Ok(())).await;
+            Json(json!({ "agent": id, "dropped": dropped, "complete": complete })).into_response()
+        }
+        Err(e) => {
+            admin.record("drop", &id, detail, &Err(e.to_string())).await;
+            error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+    }
+}
+
+/// `drop` with `up_to`: acknowledges the pending events up to an offset.
+async fn drop_prefix(
+    admin: &Admin,
+    agent: &AgentRuntime,
+    id: &str,
+    position: concierge_store::Position,
+    up_to: u64,
+    preview: bool,
+) -> Response {
+    let target = up_to.min(position.head);
+    let count = target.saturating_sub(position.cursor);
+    if preview {
         return Json(json!({ "agent": id, "would_drop": count, "cursor": position.cursor, "up_to": target }))
             .into_response();
     }
     let detail = format!("up to offset {target} ({count} events)");
-    match app.store.ack(&id, target).await {
+    match admin.app.store.ack(id, target).await {
         Ok(cursor) => {
             agent.acked(cursor);
             if count > 0 {
                 agent.close_session("delivery position changed by an operator");
             }
-            admin.record("drop", &id, detail, &Ok(()));
+            admin.record("drop", id, detail, &Ok(())).await;
             Json(json!({ "agent": id, "dropped": count, "cursor": cursor })).into_response()
         }
         Err(e) => {
-            admin.record("drop", &id, detail, &Err(e.to_string()));
+            admin.record("drop", id, detail, &Err(e.to_string())).await;
             error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
         }
     }

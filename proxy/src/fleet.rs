@@ -50,12 +50,97 @@ pub struct AgentRuntime {
     paused: watch::Sender<bool>,
     /// Highest offset delivered by this process (tells redeliveries apart for metrics).
     delivered_up_to: AtomicU64,
+    /// Recent deliveries (offset ranges per session), for the event view's delivery attempts.
+    deliveries: Mutex<Deliveries>,
     /// Finished wakes, newest last, for the dashboard's wake timeline.
     wake_history: Mutex<VecDeque<WakeRecord>>,
+    /// Lifecycle state changes `(unix ms, new state)`, newest last, for the timeline's
+    /// asleep/awake periods.
+    state_changes: Mutex<VecDeque<(u64, State)>>,
+    /// Events stored per minute `(minute start, unix ms; count)`, newest last, for the
+    /// timeline's event arrivals.
+    arrivals: Mutex<VecDeque<(u64, u64)>>,
+}
+
+/// A lifecycle state change, as the wake timeline draws it.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct StateChange {
+    /// Unix ms.
+    pub at_ms: u64,
+    /// The state entered.
+    pub state: State,
+}
+
+/// Events stored during one minute.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Arrivals {
+    /// Unix ms of the minute's start.
+    pub minute_ms: u64,
+    /// Events stored in it.
+    pub events: u64,
 }
 
 /// Finished wakes kept per agent for the dashboard.
 const WAKE_HISTORY: usize = 50;
+/// State changes kept per agent for the timeline.
+const STATE_HISTORY: usize = 200;
+/// Minutes of event arrivals kept per agent (three hours, the timeline's span).
+const ARRIVAL_MINUTES: usize = 180;
+
+/// Delivered offset ranges kept per agent (a bound on memory: 32 bytes each).
+const DELIVERY_HISTORY: usize = 256;
+/// Consecutive batches of one session within this long share a range (one entry, one time).
+const DELIVERY_MERGE_MS: u64 = 1000;
+
+/// One delivery of consecutive offsets `from..=to` in one session.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Delivery {
+    /// The session that delivered them.
+    pub session: u64,
+    /// First offset.
+    pub from: u64,
+    /// Last offset.
+    pub to: u64,
+    /// Unix ms when the first batch of the range was written to the agent.
+    pub at_ms: u64,
+    /// Unix ms when the last batch of the range was written.
+    pub last_at_ms: u64,
+}
+
+/// Bounded delivery history of one agent.
+#[derive(Default)]
+struct Deliveries {
+    ranges: VecDeque<Delivery>,
+    /// Highest offset of a range dropped from the history: counts at or below it may be short.
+    forgotten_up_to: u64,
+}
+
+impl Deliveries {
+    /// Adds a batch, merging it into the last range when it continues it.
+    fn note(&mut self, session: u64, from: u64, to: u64, now: u64) {
+        if let Some(last) = self.ranges.back_mut()
+            && last.session == session
+            && last.to + 1 == from
+            && now.saturating_sub(last.last_at_ms) < DELIVERY_MERGE_MS
+        {
+            last.to = to;
+            last.last_at_ms = now;
+            return;
+        }
+        if self.ranges.len() >= DELIVERY_HISTORY
+            && let Some(old) = self.ranges.pop_front()
+        {
+            self.forgotten_up_to = self.forgotten_up_to.max(old.to);
+        }
+        self.ranges.push_back(Delivery { session, from, to, at_ms: now, last_at_ms: now });
+    }
+
+    /// Deliveries that included `offset` (oldest first) and whether the list is complete.
+    fn of(&self, offset: u64) -> (Vec<Delivery>, bool) {
+        let hits = self.ranges.iter().filter(|d| d.from <= offset && offset <= d.to).copied().collect();
+        (hits, offset > self.forgotten_up_to)
+    }
+}
 
 impl AgentRuntime {
     /// Creates the runtime; the returned receiver feeds the lifecycle runner.
@@ -72,7 +157,10 @@ impl AgentRuntime {
             session_closed: watch::channel(0).0,
             paused: watch::channel(false).0,
             delivered_up_to: AtomicU64::new(0),
+            deliveries: Mutex::new(Deliveries::default()),
             wake_history: Mutex::new(VecDeque::new()),
+            state_changes: Mutex::new(VecDeque::new()),
+            arrivals: Mutex::new(VecDeque::new()),
         });
         (runtime, inputs)
     }
@@ -89,6 +177,19 @@ impl AgentRuntime {
             *h = (*h).max(offset);
             advanced
         });
+        let minute = concierge_protocol::now_ms() / 60_000 * 60_000;
+        {
+            let mut arrivals = lock(&self.arrivals);
+            match arrivals.back_mut() {
+                Some((m, n)) if *m == minute => *n += 1,
+                _ => {
+                    if arrivals.len() >= ARRIVAL_MINUTES {
+                        arrivals.pop_front();
+                    }
+                    arrivals.push_back((minute, 1));
+                }
+            }
+        }
         self.input(Input::EventStored { received });
     }
 
@@ -126,6 +227,13 @@ impl AgentRuntime {
     /// Written by the runner after each step; a wake replaced by a newer one joins the history.
     pub fn set_view(&self, view: LifecycleView) {
         let previous = std::mem::replace(&mut *lock(&self.view), view.clone());
+        if previous.state != view.state {
+            let mut changes = lock(&self.state_changes);
+            if changes.len() >= STATE_HISTORY {
+                changes.pop_front();
+            }
+            changes.push_back((concierge_protocol::now_ms(), view.state));
+        }
         if let Some(old) = previous.last_wake
             && view.last_wake.as_ref().is_none_or(|new| new.started_at_ms != old.started_at_ms)
         {
@@ -142,6 +250,16 @@ impl AgentRuntime {
         lock(&self.wake_history).iter().cloned().collect()
     }
 
+    /// Lifecycle state changes since start (oldest first; the agent starts asleep).
+    pub fn state_changes(&self) -> Vec<StateChange> {
+        lock(&self.state_changes).iter().map(|&(at_ms, state)| StateChange { at_ms, state }).collect()
+    }
+
+    /// Events stored per minute, recent minutes only (oldest first).
+    pub fn arrivals(&self) -> Vec<Arrivals> {
+        lock(&self.arrivals).iter().map(|&(minute_ms, events)| Arrivals { minute_ms, events }).collect()
+    }
+
     /// Highest acknowledged offset known to this process.
     pub fn cursor(&self) -> u64 {
         self.cursor.load(Ordering::Relaxed)
@@ -153,9 +271,25 @@ impl AgentRuntime {
         self.input(Input::EventStored { received: std::time::Instant::now() });
     }
 
-    /// Records a delivered batch ending at `last`; returns the previous high-water mark.
-    pub fn note_delivered(&self, last: u64) -> u64 {
-        self.delivered_up_to.fetch_max(last, Ordering::Relaxed)
+    /// Records a batch (`(offset, received_at_ms)` in offset order) written to the agent by
+    /// `session`; returns the previous high-water mark (offsets at or below it are redeliveries).
+    pub fn note_delivered(&self, session: u64, events: &[(u64, u64)]) -> u64 {
+        let (Some(&(from, _)), Some(&(to, _))) = (events.first(), events.last()) else {
+            return self.delivered_up_to();
+        };
+        lock(&self.deliveries).note(session, from, to, concierge_protocol::now_ms());
+        self.delivered_up_to.fetch_max(to, Ordering::Relaxed)
+    }
+
+    /// Highest offset delivered by this process.
+    pub fn delivered_up_to(&self) -> u64 {
+        self.delivered_up_to.load(Ordering::Relaxed)
+    }
+
+    /// Deliveries by this process that included `offset` (oldest first), and whether that list
+    /// is complete (false when older ranges were dropped from the bounded history).
+    pub fn deliveries_of(&self, offset: u64) -> (Vec<Delivery>, bool) {
+        lock(&self.deliveries).of(offset)
     }
 
     /// Pauses or resumes delivery; returns whether it changed.
@@ -229,3 +363,26 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// All configured agents by id.
 pub type Fleet = HashMap<String, Arc<AgentRuntime>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deliveries_merge_per_session_and_count_redeliveries() {
+        let mut d = Deliveries::default();
+        d.note(1, 1, 3, 1_000);
+        d.note(1, 4, 5, 1_200);
+        d.note(2, 1, 5, 9_000);
+        assert_eq!(d.ranges.len(), 2, "a continued batch of the same session joins its range");
+        let (hits, complete) = d.of(4);
+        assert_eq!(hits.iter().map(|h| h.session).collect::<Vec<_>>(), [1, 2]);
+        assert!(complete);
+        assert!(d.of(6).0.is_empty());
+        for i in 0..DELIVERY_HISTORY as u64 {
+            d.note(3, 10 + 2 * i, 10 + 2 * i, 20_000);
+        }
+        assert_eq!(d.ranges.len(), DELIVERY_HISTORY);
+        assert!(!d.of(4).1, "a dropped range makes older counts incomplete");
+    }
+}

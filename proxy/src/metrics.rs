@@ -142,6 +142,10 @@ pub struct Snapshot {
     pub agents: HashMap<String, Stats>,
     /// Why the store could not be read, when it could not.
     pub store_error: Option<String>,
+    /// The store's warnings (`Store::warnings`) as of the last full refresh that reached it;
+    /// `None` before the first. Re-checked so a runtime change (e.g. Redis `CONFIG SET
+    /// appendonly no`) shows up without a restart.
+    pub store_warnings: Option<Vec<String>>,
 }
 
 /// One point of an agent's buffer history.
@@ -178,6 +182,8 @@ pub struct Metrics {
     connections: Mutex<BTreeMap<(String, String), ConnectionInfo>>,
     snapshot: RwLock<Arc<Snapshot>>,
     history: Mutex<HashMap<String, VecDeque<Sample>>>,
+    /// Webhook refusals already added to `ingress`, by outcome (see [`Metrics::count_refusals`]).
+    webhook_refused: Mutex<HashMap<&'static str, u64>>,
 }
 
 impl Metrics {
@@ -289,11 +295,28 @@ impl Metrics {
             connections: Mutex::new(BTreeMap::new()),
             snapshot: RwLock::new(Arc::new(Snapshot::default())),
             history: Mutex::new(HashMap::new()),
+            webhook_refused: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Adds webhook requests refused before reaching the sink (bad signature, too large, ...)
+    /// to `concierge_ingress_requests{channel="webhook"}`: the adapter counts them
+    /// process-wide, this adds what is new since the last call.
+    fn count_refusals(&self) {
+        let mut seen = lock(&self.webhook_refused);
+        for (outcome, count) in concierge_adapters::webhook::refused_counts() {
+            let before = seen.insert(outcome, count).unwrap_or(0);
+            if count > before {
+                self.ingress
+                    .get_or_create(&IngressLabels { channel: "webhook".into(), outcome: outcome.into() })
+                    .inc_by(count - before);
+            }
         }
     }
 
     /// The exposition in OpenMetrics text format.
     pub fn encode(&self) -> String {
+        self.count_refusals();
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -430,6 +453,7 @@ impl Metrics {
     /// Recomputes the snapshot and the gauges derived from it: every agent when `full`, else
     /// only the agents whose in-memory head or cursor moved since their last figures.
     pub async fn refresh(&self, store: &dyn Store, fleet: &Fleet, full: bool) {
+        self.count_refusals();
         let now = now_ms();
         let mut by_state: HashMap<&'static str, i64> =
             [("asleep", 0), ("waking", 0), ("awake", 0), ("unreachable", 0)].into_iter().collect();
@@ -470,6 +494,10 @@ impl Metrics {
                 }
                 Err(e) => snapshot.store_error = Some(e.to_string()),
             }
+        }
+        // An unreachable store is reported as such; its settings are read once it answers.
+        if full && snapshot.store_error.is_none() {
+            snapshot.store_warnings = Some(store.warnings().await);
         }
         let (events, bytes) =
             snapshot.agents.values().fold((0u64, 0u64), |(e, b), s| (e + s.pending, b + s.pending_bytes));

@@ -226,7 +226,7 @@ async fn stream_events(
                 write_frame(send, &frame).instrument(span).await?;
             }
             sent = last;
-            app.metrics.delivered(&timings, agent.note_delivered(sent));
+            app.metrics.delivered(&timings, agent.note_delivered(session, &timings));
             agent.input(Input::Delivered { events: timings.len() as u64, at: std::time::Instant::now() });
         }
         tokio::select! {

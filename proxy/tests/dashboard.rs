@@ -164,7 +164,11 @@ async fn dashboard_shows_the_fleet_and_wakes_an_agent_live() {
         webhook_route("alpha-hook", "alpha", &format!("reply_url = \"{}\"", sink.url)),
         webhook_route("beta-hook", "beta", ""),
     );
-    let proxy = Proxy::start(&write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &body));
+    let config = write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &body);
+    // Keep acked events so the event view can show one after delivery.
+    let text = std::fs::read_to_string(&config).unwrap().replace("[store]\n", "[store]\nretain_acked = 100\n");
+    std::fs::write(&config, text).unwrap();
+    let proxy = Proxy::start(&config);
     for i in 0..3 {
         assert_eq!(proxy.post("alpha", "alpha-hook", &format!(r#"{{"text":"a{i}"}}"#), None).await.0, 202);
     }
@@ -186,17 +190,57 @@ async fn dashboard_shows_the_fleet_and_wakes_an_agent_live() {
         browser.eval("document.body.innerText").await
     );
     assert_eq!(browser.eval(&text_of(r#"tr[data-agent="alpha"] td[data-col="state"]"#)).await, "asleep");
-    // Sorting by a column header keeps every row and marks the column.
-    browser.eval(r#"document.querySelector('th[data-key="id"] button').click()"#).await;
-    assert!(
-        browser
-            .wait_for(
-                r#"document.querySelector('th[data-key="id"]').getAttribute('aria-sort') !== 'none'"#,
-                Duration::from_secs(5)
-            )
-            .await
+    // Each row lists its channels with the health of what holds them (webhook routes listen).
+    let hook = r#"tr[data-agent="alpha"] li[data-channel="webhook/alpha-hook"]"#;
+    assert_eq!(browser.eval(&format!("document.querySelector({hook:?}).dataset.health")).await, "ok");
+    assert_eq!(browser.eval(&format!("{}.trim()", text_of(&format!("{hook} .chan-state")))).await, "listening");
+    // Sorting by a column header reorders the rows and marks the column: the default order
+    // (most buffered first) is alpha, beta; the id column ascending, then descending.
+    let order = "[...document.querySelectorAll('#fleet-table tbody tr')].map((r) => r.dataset.agent).join(',')";
+    assert_eq!(browser.eval(order).await, "alpha,beta");
+    let sort_by_id = r#"document.querySelector('th[data-key="id"] button').click()"#;
+    browser.eval(sort_by_id).await;
+    assert_eq!(
+        browser.eval(r#"document.querySelector('th[data-key="id"]').getAttribute('aria-sort')"#).await,
+        "ascending"
     );
-    assert_eq!(browser.eval("document.querySelectorAll('#fleet-table tbody tr').length").await, 2);
+    assert_eq!(browser.eval(order).await, "alpha,beta");
+    browser.eval(sort_by_id).await;
+    assert_eq!(
+        browser.eval(r#"document.querySelector('th[data-key="id"]').getAttribute('aria-sort')"#).await,
+        "descending"
+    );
+    assert_eq!(browser.eval(order).await, "beta,alpha", "descending by id puts beta first");
+    // Filtering by text and by state.
+    let type_filter = |text: &str| {
+        format!(
+            "(() => {{ const i = document.querySelector('#filter-text'); i.value = {text:?}; i.dispatchEvent(new Event('input')); }})()"
+        )
+    };
+    browser.eval(&type_filter("bet")).await;
+    assert_eq!(browser.eval(order).await, "beta", "the text filter keeps matching agents only");
+    browser.eval(&type_filter("alpha-hook")).await;
+    assert_eq!(browser.eval(order).await, "alpha", "the text filter matches channel names too");
+    browser.eval(&type_filter("")).await;
+    let pick_state = |state: &str| {
+        format!(
+            "(() => {{ const s = document.querySelector('#filter-state'); s.value = {state:?}; s.dispatchEvent(new Event('change')); }})()"
+        )
+    };
+    browser.eval(&pick_state("awake")).await;
+    assert_eq!(browser.eval(order).await, "", "no agent is awake");
+    browser.eval(&pick_state("")).await;
+    assert_eq!(browser.eval(order).await, "beta,alpha");
+    // Pausing live updates: a new event does not show until updates resume.
+    browser.eval("document.querySelector('#live-toggle').click()").await;
+    assert_eq!(browser.eval(&text_of("#live-status")).await, "Updates paused");
+    assert_eq!(proxy.post("beta", "beta-hook", r#"{"text":"b2"}"#, None).await.0, 202);
+    let beta_three = format!("{} === '3'", text_of(beta));
+    // Several stream ticks (1 s each) pass without the row changing.
+    assert!(!browser.wait_for(&beta_three, Duration::from_secs(4)).await, "paused: the row must not update");
+    browser.eval("document.querySelector('#live-toggle').click()").await;
+    assert!(browser.wait_for(&beta_three, Duration::from_secs(15)).await, "resumed: the row updates");
+    assert_eq!(browser.eval(&text_of("#live-status")).await, "Live");
 
     // Open the agent, wake it now (with confirmation) and see it become awake and drain.
     browser.eval(r##"document.querySelector('tr[data-agent="alpha"] a').click()"##).await;
@@ -234,6 +278,19 @@ async fn dashboard_shows_the_fleet_and_wakes_an_agent_live() {
         proxy.log()
     );
     assert_eq!(sink.wait_for(3, Duration::from_secs(10)).await.len(), 3, "the woken agent replied to all three");
+    // The timeline draws the awake period and the minute's three arrivals.
+    assert!(
+        browser.wait_for("document.querySelector('#wake-strip rect.span-awake')", Duration::from_secs(10)).await,
+        "an awake period in the timeline"
+    );
+    assert!(browser.eval("document.querySelectorAll('#wake-strip line.arrival').length").await.as_u64() >= Some(1));
+    // The event view counts deliveries.
+    browser.goto(&format!("http://{}/#/agent/alpha/event/1", proxy.admin)).await;
+    assert!(
+        browser.wait_for(&format!("{}.startsWith('1 ')", text_of("#event-attempts")), Duration::from_secs(10)).await,
+        "event 1 was delivered once: {}",
+        browser.eval("document.body.innerText").await
+    );
     let audit: Value =
         http_client().get(format!("http://{}/api/audit", proxy.admin)).send().await.unwrap().json().await.unwrap();
     assert_eq!(audit["entries"][0]["action"], "wake", "{audit}");
@@ -267,7 +324,7 @@ async fn every_action_needs_the_admin_token_and_the_read_token_only_reads() {
     let text = std::fs::read_to_string(&config).unwrap().replace("[store]\n", "[store]\nretain_acked = 100\n");
     std::fs::write(&config, text).unwrap();
     let proxy = Proxy::start(&config);
-    for i in 0..3 {
+    for i in 0..4 {
         assert_eq!(proxy.post("a", "hook", &format!(r#"{{"n":{i}}}"#), None).await.0, 202);
     }
     let actions: Vec<(&str, Option<Value>)> = vec![
@@ -277,6 +334,9 @@ async fn every_action_needs_the_admin_token_and_the_read_token_only_reads() {
         ("/api/agents/a/drop", Some(json!({ "up_to": 2, "preview": true }))),
         ("/api/agents/a/drop", Some(json!({ "up_to": 2 }))),
         ("/api/agents/a/redeliver", Some(json!({ "from": 1 }))),
+        ("/api/agents/a/drop", Some(json!({ "filter": { "channel": "hook" }, "preview": true }))),
+        ("/api/agents/a/drop", Some(json!({ "offsets": [4], "preview": true }))),
+        ("/api/agents/a/drop", Some(json!({ "offsets": [4] }))),
     ];
     for (path, body) in &actions {
         assert_eq!(call(&proxy, "POST", path, body.clone(), None).await, 401, "{path} without a token");
@@ -295,8 +355,10 @@ async fn every_action_needs_the_admin_token_and_the_read_token_only_reads() {
     }
     let entries = audit(ADMIN).await["entries"].as_array().unwrap().clone();
     let actions_logged: Vec<&str> = entries.iter().rev().filter_map(|e| e["action"].as_str()).collect();
-    assert_eq!(actions_logged, ["wake", "pause", "resume", "drop", "redeliver"], "previews are not actions");
-    // The drop acked 1..=2, the redeliver moved the cursor back to 0.
+    assert_eq!(actions_logged, ["wake", "pause", "resume", "drop", "redeliver", "drop"], "previews are not actions");
+    assert!(entries[0]["detail"].as_str().unwrap().contains("offsets 4 (1 events)"), "{}", entries[0]);
+    // The first drop acked 1..=2, the redeliver moved the cursor back to 0, the last drop
+    // removed event 4: 3 pending.
     let agent: Value = http_client()
         .get(format!("http://{}/api/agents/a", proxy.admin))
         .bearer_auth(READER)
@@ -413,4 +475,259 @@ async fn metrics_parse_and_move_as_events_flow() {
         0.0,
         "drained agents lose their series"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Delivery attempts, durable audit log, live store warnings
+
+async fn get_json(proxy: &Proxy, path: &str) -> Value {
+    let r = http_client().get(format!("http://{}{path}", proxy.admin)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200, "GET {path}");
+    r.json().await.unwrap()
+}
+
+async fn post_json(proxy: &Proxy, path: &str) -> u16 {
+    http_client().post(format!("http://{}{path}", proxy.admin)).send().await.unwrap().status().as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn event_view_counts_each_delivery_of_an_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!("{}\n{}", self_connecting_agent("a"), webhook_route("hook", "a", ""));
+    let proxy = Proxy::start(&write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &body));
+    assert_eq!(proxy.post("a", "hook", r#"{"text":"once"}"#, None).await.0, 202);
+    let detail = || get_json(&proxy, "/api/agents/a/events/1");
+    assert_eq!(detail().await["delivery_attempts"], 0, "not delivered yet");
+
+    // Delivered, then the agent goes away without acknowledging it.
+    let mut first = proxy.connect("a").await;
+    receive_n_unacked(&mut first, 1, Duration::from_secs(10)).await;
+    assert_eq!(detail().await["delivery_attempts"], 1);
+    drop(first);
+    let gone =
+        eventually(Duration::from_secs(15), || async { (proxy.agent("a").await["connected"] == false).then_some(()) });
+    assert!(gone.await.is_some(), "the first session ended");
+
+    // The next session delivers it again.
+    let mut second = proxy.connect("a").await;
+    receive_n(&mut second, 1, Duration::from_secs(10)).await;
+    let e = detail().await;
+    assert_eq!(e["delivery_attempts"], 2, "{e}");
+    assert_eq!(e["delivery_attempts_complete"], true);
+    let deliveries = e["deliveries"].as_array().unwrap();
+    assert_ne!(deliveries[0]["session"], deliveries[1]["session"], "two sessions delivered it: {e}");
+    assert!(deliveries.iter().all(|d| d["at_ms"].as_u64().unwrap_or(0) > 1_600_000_000_000), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_log_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!("{}\n{}", self_connecting_agent("a"), webhook_route("hook", "a", ""));
+    let config = write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &body);
+    let mut proxy = Proxy::start(&config);
+    assert_eq!(post_json(&proxy, "/api/agents/a/pause").await, 200);
+    assert_eq!(post_json(&proxy, "/api/agents/a/wake").await, 202);
+    assert!(proxy.terminate().success());
+    let proxy = Proxy::start(&config);
+    let audit = get_json(&proxy, "/api/audit").await;
+    let actions: Vec<&str> = audit["entries"].as_array().unwrap().iter().filter_map(|e| e["action"].as_str()).collect();
+    assert_eq!(actions, ["wake", "pause"], "entries from before the restart, newest first: {audit}");
+    assert_eq!(audit["stored"], true);
+    // New entries go after the stored ones.
+    assert_eq!(post_json(&proxy, "/api/agents/a/resume").await, 200);
+    let audit = get_json(&proxy, "/api/audit").await;
+    assert_eq!(audit["entries"][0]["action"], "resume", "{audit}");
+    assert_eq!(audit["entries"].as_array().unwrap().len(), 3, "{audit}");
+}
+
+fn redis_config_set(redis: &Redis, name: &str, value: &str) {
+    let out = Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "CONFIG", "SET", name, value])
+        .output()
+        .expect("redis-cli is installed");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK"), "CONFIG SET {name} {value}: {out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_warnings_follow_runtime_config_and_show_a_banner() {
+    // Our own Redis (AOF on, fsync always): the shared one runs with AOF off.
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!("{}\n{}", self_connecting_agent("w"), webhook_route("hook", "w", ""));
+    let config = write_config(dir.path(), &Backend::Redis(redis.url()), [0, 0, 0], &body);
+    let mut proxy = Proxy::start(&config);
+    let warnings = |proxy: &Proxy| {
+        let url = format!("http://{}/api/fleet", proxy.admin);
+        async move {
+            let v: Value = http_client().get(url).send().await.unwrap().json().await.unwrap();
+            v["status"]["warnings"].as_array().cloned().unwrap_or_default()
+        }
+    };
+    let first = eventually(Duration::from_secs(15), || async {
+        let s: Value = get_json(&proxy, "/api/fleet").await;
+        (s["status"]["stats_at_ms"].as_u64() > Some(0)).then_some(())
+    })
+    .await;
+    assert!(first.is_some(), "a first snapshot");
+    assert_eq!(warnings(&proxy).await, Vec::<Value>::new(), "AOF on, fsync always, noeviction: no warning");
+
+    // Turned off at run time: the warning appears without a restart, in the API and the page.
+    redis_config_set(&redis, "appendonly", "no");
+    let appeared = eventually(Duration::from_secs(20), || async {
+        let w = warnings(&proxy).await;
+        w.iter().any(|w| w.as_str().is_some_and(|t| t.contains("appendonly"))).then_some(w)
+    })
+    .await;
+    assert!(appeared.is_some(), "the AOF warning appears after CONFIG SET; log:\n{}", proxy.log());
+    let mut browser = Browser::launch().await;
+    browser.goto(&format!("http://{}/", proxy.admin)).await;
+    let banner = "!document.querySelector('#banner').hidden && \
+                  document.querySelector('#banner').getBoundingClientRect().height > 0 && \
+                  document.querySelector('#banner').textContent.includes('appendonly')";
+    let shown = browser.wait_for(banner, Duration::from_secs(15)).await;
+    browser.screenshot("dashboard-warning.png").await;
+    assert!(shown, "a visible banner names the setting: {}", browser.eval("document.body.innerText").await);
+
+    // Fixed at run time: the warning and the banner go away.
+    redis_config_set(&redis, "appendonly", "yes");
+    let cleared = eventually(Duration::from_secs(20), || async { warnings(&proxy).await.is_empty().then_some(()) });
+    assert!(cleared.await.is_some(), "the warning clears after CONFIG SET appendonly yes");
+    assert!(browser.wait_for("document.querySelector('#banner').hidden", Duration::from_secs(15)).await);
+
+    // The audit log is kept in Redis too.
+    assert_eq!(post_json(&proxy, "/api/agents/w/wake").await, 202);
+    assert!(proxy.terminate().success());
+    let proxy = Proxy::start(&config);
+    let audit = get_json(&proxy, "/api/audit").await;
+    assert_eq!(audit["entries"][0]["action"], "wake", "{audit}");
+    assert_eq!(audit["entries"][0]["agent"], "w", "{audit}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_cap_agent_labels_and_count_refused_webhooks() {
+    let dir = tempfile::tempdir().unwrap();
+    let signed = "verify = \"hmac\"\nsecret = \"s3cret-s3cret-s3cret\"\nhmac_header = \"x-signature\"";
+    let body = format!(
+        "{}\n{}\n{}\n{}\n{}",
+        self_connecting_agent("big"),
+        self_connecting_agent("small"),
+        webhook_route("signed", "big", signed),
+        webhook_route("bighook", "big", "max_body = 1024"),
+        webhook_route("smallhook", "small", ""),
+    );
+    let config = write_config_with(dir.path(), &Backend::Embedded, [0, 0, 0], "metrics_agent_labels = 1", &body);
+    let proxy = Proxy::start(&config);
+    let client = http_client();
+    // Refused before the store: a bad signature (401) and a body over max_body (413).
+    let bad = proxy.post_with(&client, "big", "signed", r#"{"n":1}"#, &[("x-signature", "sha256=00")]).await;
+    assert_eq!(bad.status, 401, "{bad:?}");
+    let large = proxy.post_with(&client, "big", "bighook", vec![b'x'; 4096], &[]).await;
+    assert_eq!(large.status, 413, "{large:?}");
+    for i in 0..2 {
+        assert_eq!(proxy.post("small", "smallhook", &format!(r#"{{"n":{i}}}"#), None).await.0, 202);
+    }
+    let s = scrape(&proxy).await;
+    let refused =
+        |outcome: &str| value(&s, "concierge_ingress_requests_total", &[("channel", "webhook"), ("outcome", outcome)]);
+    assert_eq!((refused("unauthorized"), refused("too_large"), refused("stored")), (1.0, 1.0, 2.0));
+
+    // Only the agent with the most buffered events gets per-agent series (cap 1): "small"
+    // (2 events) while "big" has none, then "big" once it has more.
+    let series = |s: &prometheus_parse::Scrape| -> Vec<String> {
+        s.samples
+            .iter()
+            .filter(|x| x.metric == "concierge_agent_buffered_events")
+            .filter_map(|x| x.labels.get("agent").map(str::to_string))
+            .collect()
+    };
+    let one = eventually(Duration::from_secs(15), || async {
+        let s = scrape(&proxy).await;
+        (value(&s, "concierge_buffered_events", &[]) == 2.0).then_some(s)
+    })
+    .await
+    .expect("2 buffered events in the snapshot");
+    assert_eq!(series(&one), ["small"]);
+    for i in 0..3 {
+        assert_eq!(proxy.post("big", "bighook", &format!(r#"{{"n":{i}}}"#), None).await.0, 202);
+    }
+    let both = eventually(Duration::from_secs(15), || async {
+        let s = scrape(&proxy).await;
+        (value(&s, "concierge_buffered_events", &[]) == 5.0).then_some(s)
+    })
+    .await
+    .expect("5 buffered events in the snapshot");
+    assert_eq!(series(&both), ["big"], "one series at cap 1, for the agent with the most");
+    assert!(value(&both, "concierge_buffered_bytes", &[]) > 0.0, "fleet totals are always exported");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn selected_and_filtered_events_are_dropped_and_never_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!(
+        "{}\n{}\n{}",
+        self_connecting_agent("d"),
+        webhook_route("xhook", "d", ""),
+        webhook_route("yhook", "d", "")
+    );
+    let proxy = Proxy::start(&write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &body));
+    // Offsets 1-3 through xhook, 4-5 through yhook, 6 through xhook.
+    for (route, n) in [("xhook", 1), ("xhook", 2), ("xhook", 3), ("yhook", 4), ("yhook", 5), ("xhook", 6)] {
+        assert_eq!(proxy.post("d", route, &format!(r#"{{"n":{n}}}"#), None).await.0, 202);
+    }
+    let drop = |body: Value| {
+        let url = format!("http://{}/api/agents/d/drop", proxy.admin);
+        async move {
+            let r = http_client().post(url).json(&body).send().await.unwrap();
+            assert_eq!(r.status().as_u16(), 200, "{body}");
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    // A filter preview counts the matches and drops nothing.
+    let preview = drop(json!({ "filter": { "channel": "yhook" }, "preview": true })).await;
+    assert_eq!((preview["would_drop"].as_u64(), preview["complete"].as_bool()), (Some(2), Some(true)), "{preview}");
+    assert_eq!(preview["offsets"], json!([4, 5]));
+    let detail = |proxy: &Proxy| {
+        let url = format!("http://{}/api/agents/d", proxy.admin);
+        async move { http_client().get(url).send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    assert_eq!(detail(&proxy).await["pending"], 6);
+    assert_eq!(drop(json!({ "filter": { "channel": "yhook" } })).await["dropped"], 2);
+    assert_eq!(drop(json!({ "offsets": [2, 99] })).await["dropped"], 1, "unknown offsets are ignored");
+    assert_eq!(detail(&proxy).await["pending"], 3, "stats shrink");
+    let audit = get_json(&proxy, "/api/audit").await;
+    let details: Vec<&str> = audit["entries"].as_array().unwrap().iter().filter_map(|e| e["detail"].as_str()).collect();
+    assert_eq!(details, ["offsets 2 (1 events)", "filter: channel contains \"yhook\" (2 events)"], "{audit}");
+
+    // The dashboard: tick event 3, drop it with confirmation.
+    let mut browser = Browser::launch().await;
+    browser.goto(&format!("http://{}/#/agent/d", proxy.admin)).await;
+    let rows = "[...document.querySelectorAll('#events-table tbody tr')].map((r) => r.dataset.offset).join(',')";
+    assert!(
+        browser.wait_for(&format!("{rows} === '1,3,6'"), Duration::from_secs(10)).await,
+        "dropped events are gone from the list: {}",
+        browser.eval(rows).await
+    );
+    browser.eval("document.querySelector('#events-table tr[data-offset=\"3\"] .ev-select').click()").await;
+    browser.eval("document.querySelector('#drop-selected').click()").await;
+    assert!(browser.wait_for("document.querySelector('#confirm').open", Duration::from_secs(5)).await);
+    assert!(
+        browser
+            .eval(&text_of("#confirm-text"))
+            .await
+            .as_str()
+            .unwrap()
+            .starts_with("Drop 1 pending event(s) of d at offset(s) 3")
+    );
+    browser.eval("document.querySelector('#confirm-ok').click()").await;
+    assert!(
+        browser.wait_for(&format!("{rows} === '1,6'"), Duration::from_secs(10)).await,
+        "the list reloads without event 3: {}",
+        browser.eval("document.body.innerText").await
+    );
+
+    // The agent receives only what was not dropped.
+    let mut client = proxy.connect("d").await;
+    let got: Vec<u64> = receive_n(&mut client, 2, Duration::from_secs(10)).await.iter().map(|e| e.offset).collect();
+    assert_eq!(got, [1, 6]);
+    expect_no_more(&mut client, Duration::from_millis(500)).await;
 }

@@ -281,7 +281,7 @@ function renderFleet() {
   }
   const q = state.filter.text.toLowerCase();
   const rows = [...state.fleet.values()]
-    .filter((a) => (!q || a.id.toLowerCase().includes(q) || a.channels.some((c) => c.toLowerCase().includes(q)))
+    .filter((a) => (!q || a.id.toLowerCase().includes(q) || a.channels.some((c) => `${c.kind}/${c.name}`.toLowerCase().includes(q)))
       && (!state.filter.state || a.state === state.filter.state))
     .sort((a, b) => {
       const x = sortValue(a, state.sort.key), y = sortValue(b, state.sort.key);
@@ -334,7 +334,17 @@ function fleetRow(a) {
     h("td", { "data-col": "last_wake" }, wakeSummary(a.last_wake)),
     h("td", { "data-col": "next" }, a.next_action_in_ms !== null && a.state !== "awake" ? "in " + fmtDur(a.next_action_in_ms) : "–"),
     h("td", { "data-col": "connected" }, a.connected ? "yes" : "no"),
-    h("td", { "data-col": "channels" }, a.channels.join(", ") || "–"));
+    h("td", { "data-col": "channels" }, a.channels.length ? h("ul", { class: "chans" }, a.channels.map(channelItem)) : "–"));
+}
+
+// Held connections that are up (or push channels, which hold nothing) are healthy.
+const HEALTHY = new Set(["connected", "listening", "push"]);
+
+function channelItem(c) {
+  const health = HEALTHY.has(c.state) ? "ok" : c.state === "starting" || c.state === "reconnecting" || c.state === "connecting" ? "warn" : "bad";
+  return h("li", { class: "chan chan-" + health, "data-channel": `${c.kind}/${c.name}`, "data-health": health,
+    title: c.last_error ? "Last error: " + c.last_error : null },
+    `${c.kind}/${c.name} `, h("span", { class: "chan-state" }, c.state === "push" ? "push" : c.state));
 }
 
 // ---- agent view ------------------------------------------------------------------------
@@ -407,7 +417,7 @@ function actionBar(id) {
       } catch (err) { notice(err.message, true); }
       refreshAgent();
     } },
-      h("label", { for: "drop-up-to" }, "Drop pending up to offset"),
+      h("label", { for: "drop-up-to" }, "Acknowledge (skip) pending up to offset"),
       h("input", { id: "drop-up-to", type: "number", min: 1, required: true }),
       h("button", { type: "submit", class: "danger" }, "Drop…")));
 }
@@ -476,35 +486,59 @@ function renderTimeline(a) {
       h("td", {}, fmtDur(w.driver_called_after_ms)), h("td", {}, fmtDur(w.connected_after_ms)),
       h("td", {}, fmtDur(w.first_delivery_after_ms)), h("td", { class: "num" }, w.events_drained ?? 0),
       h("td", {}, w.outcome.replace("_", " ")), h("td", {}, w.error || "")))));
-  el.replaceChildren(bars(wakes), sparkline(a.buffer_history || []), wakes.length ? list : h("p", {}, "No wakes yet."));
+  el.replaceChildren(bars(a, wakes), sparkline(a.buffer_history || []), wakes.length ? list : h("p", {}, "No wakes yet."));
 }
 
-// Wake periods over the last hours as an SVG strip: green connected, red unreachable, amber in progress.
-function bars(wakes) {
+// The last 3 hours as an SVG strip (now at the right): lifecycle periods on top (asleep grey,
+// waking amber, awake green, unreachable red), wakes in the middle (green connected, red
+// unreachable, amber in progress), event arrivals per minute as ticks at the bottom.
+function bars(a, wakes) {
   const ns = "http://www.w3.org/2000/svg";
   const now = Date.now(), span = 3 * 3600 * 1000, width = 600;
+  const xOf = (t) => width * (1 - (now - t) / span);
   const svg = document.createElementNS(ns, "svg");
-  svg.setAttribute("viewBox", `0 0 ${width} 24`);
+  const el = (tag, attrs, title) => {
+    const e = document.createElementNS(ns, tag);
+    for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, String(v));
+    if (title) { const t = document.createElementNS(ns, "title"); t.textContent = title; e.append(t); }
+    svg.append(e);
+    return e;
+  };
+  svg.setAttribute("viewBox", `0 0 ${width} 42`);
   svg.setAttribute("class", "strip");
   svg.setAttribute("role", "img");
-  svg.setAttribute("aria-label", `${wakes.length} wakes in the last 3 hours (timeline)`);
+  svg.setAttribute("id", "wake-strip");
+  // Periods: the agent starts asleep when the proxy starts; each change opens a new period.
+  const changes = [{ at_ms: a.started_at_ms || now - span, state: "asleep" }, ...(a.state_changes || [])];
+  let periods = 0;
+  changes.forEach((c, i) => {
+    const end = i + 1 < changes.length ? changes[i + 1].at_ms : now;
+    const x0 = Math.max(0, xOf(c.at_ms)), x1 = Math.min(width, xOf(end));
+    if (x1 <= 0 || x1 - x0 < 0.5) return;
+    periods++;
+    el("rect", { x: x0.toFixed(1), y: 1, height: 12, width: (x1 - x0).toFixed(1), class: "span-" + c.state, "data-state": c.state },
+      `${c.state} from ${fmtTime(c.at_ms)} for ${fmtDur(end - c.at_ms)}`);
+  });
   for (const w of wakes) {
     const dur = w.connected_after_ms || (w.outcome === "in_progress" ? now - w.started_at_ms : 1000);
     const bar = Math.max(3, width * dur / span);
-    const x = Math.min(width - bar, width * (1 - (now - w.started_at_ms) / span));
+    const x = Math.min(width - bar, xOf(w.started_at_ms));
     if (x < 0) continue;
-    const r = document.createElementNS(ns, "rect");
-    r.setAttribute("x", x.toFixed(1));
-    r.setAttribute("y", 2);
-    r.setAttribute("height", 20);
-    r.setAttribute("width", bar.toFixed(1));
-    r.setAttribute("class", "wake-" + w.outcome);
-    const t = document.createElementNS(ns, "title");
-    t.textContent = `${fmtTime(w.started_at_ms)}: ${w.outcome}`;
-    r.append(t);
-    svg.append(r);
+    el("rect", { x: x.toFixed(1), y: 15, height: 12, width: bar.toFixed(1), class: "wake-" + w.outcome },
+      `${fmtTime(w.started_at_ms)}: ${w.outcome}`);
   }
-  return h("figure", {}, svg, h("figcaption", {}, "Wakes over the last 3 hours (now at the right)"));
+  const arrivals = (a.arrivals || []).filter((m) => m.minute_ms + 60000 > now - span);
+  const peak = Math.max(1, ...arrivals.map((m) => m.events));
+  let events = 0;
+  for (const m of arrivals) {
+    events += m.events;
+    const x = Math.max(0.5, Math.min(width - 0.5, xOf(m.minute_ms + 30000)));
+    el("line", { x1: x.toFixed(1), x2: x.toFixed(1), y1: 41, y2: (41 - 2 - 10 * m.events / peak).toFixed(1), class: "arrival" },
+      `${m.events} event(s) arrived in the minute from ${fmtTime(m.minute_ms)}`);
+  }
+  svg.setAttribute("aria-label", `Last 3 hours: ${periods} asleep/awake period(s), ${wakes.length} wake(s), ${events} event arrival(s)`);
+  return h("figure", {}, svg, h("figcaption", {},
+    "Last 3 hours, now at the right. Top: asleep (grey), waking (amber), awake (green), unreachable (red). Middle: wakes. Bottom: events arriving, per minute."));
 }
 
 function sparkline(samples) {
@@ -512,18 +546,27 @@ function sparkline(samples) {
   const ns = "http://www.w3.org/2000/svg";
   const width = 600, height = 60;
   const max = Math.max(1, ...samples.map((s) => s.pending));
+  const maxAge = Math.max(1, ...samples.map((s) => s.oldest_age_ms));
   const t0 = samples[0].at_ms, t1 = samples[samples.length - 1].at_ms;
-  const pts = samples.map((s) => `${(width * (s.at_ms - t0) / Math.max(1, t1 - t0)).toFixed(1)},${(height - height * s.pending / max).toFixed(1)}`);
+  const x = (s) => (width * (s.at_ms - t0) / Math.max(1, t1 - t0)).toFixed(1);
+  const pts = samples.map((s) => `${x(s)},${(height - height * s.pending / max).toFixed(1)}`);
+  const agePts = samples.map((s) => `${x(s)},${(height - height * s.oldest_age_ms / maxAge).toFixed(1)}`);
   const svg = document.createElementNS(ns, "svg");
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
   svg.setAttribute("class", "spark");
   svg.setAttribute("role", "img");
-  svg.setAttribute("aria-label", `Buffered events over time, peak ${max}`);
+  svg.setAttribute("id", "buffer-spark");
+  svg.setAttribute("aria-label", `Buffered events over time, peak ${max}; age of the oldest buffered event, peak ${fmtDur(maxAge)}`);
   const line = document.createElementNS(ns, "polyline");
   line.setAttribute("points", pts.join(" "));
-  svg.append(line);
+  line.setAttribute("class", "depth");
+  const age = document.createElementNS(ns, "polyline");
+  age.setAttribute("points", agePts.join(" "));
+  age.setAttribute("class", "age");
+  svg.append(age, line);
   const last = samples[samples.length - 1];
-  return h("figure", {}, svg, h("figcaption", {}, `Buffered events, last ${fmtDur(t1 - t0)} (peak ${max}; oldest now ${fmtDur(last.oldest_age_ms)})`));
+  return h("figure", {}, svg, h("figcaption", {},
+    `Last ${fmtDur(t1 - t0)}: buffered events (solid, peak ${max}) and age of the oldest buffered event (dashed, peak ${fmtDur(maxAge)}; now ${fmtDur(last.oldest_age_ms)})`));
 }
 
 function eventFilters(id) {
@@ -534,6 +577,32 @@ function eventFilters(id) {
     h("button", { type: "submit" }, "Search"));
 }
 
+// The event list's filter fields as API parameters (empty fields left out).
+function eventFilter() {
+  const f = document.getElementById("event-filter");
+  const val = (n) => f.elements[n].value.trim();
+  const out = {};
+  for (const n of ["dedupe_key", "channel", "conversation"]) if (val(n)) out[n] = val(n);
+  if (val("since")) out.since_ms = new Date(val("since")).getTime();
+  if (val("until")) out.until_ms = new Date(val("until")).getTime();
+  return out;
+}
+
+// Drops pending events after a count preview and a confirmation: `what` is `{ offsets }` or `{ filter }`.
+async function dropEvents(id, what, description) {
+  const path = `/api/agents/${encodeURIComponent(id)}/drop`;
+  try {
+    const p = await api(path, { method: "POST", body: Object.assign({ preview: true }, what) });
+    if (p.would_drop === 0) { notice("No pending event matches: nothing to drop."); return; }
+    const scope = p.complete ? "" : " (among the first 10,000 pending events; repeat for more)";
+    if (!await confirmAction(`Drop ${p.would_drop} pending event(s) of ${id} ${description}${scope}? They are removed from the buffer and never delivered.`)) return;
+    const r = await api(path, { method: "POST", body: what });
+    notice(`Dropped ${r.dropped} event(s).`);
+  } catch (err) { notice(err.message, true); }
+  await refreshAgent();
+  loadEvents(id, 0);
+}
+
 async function loadEvents(id, after) {
   const el = document.getElementById("events");
   if (!el) return;
@@ -541,9 +610,7 @@ async function loadEvents(id, after) {
   const val = (n) => f.elements[n].value.trim();
   if (val("offset")) { location.hash = `#/agent/${encodeURIComponent(id)}/event/${val("offset")}`; return; }
   const q = new URLSearchParams({ after: String(after), limit: "50" });
-  for (const n of ["dedupe_key", "channel", "conversation"]) if (val(n)) q.set(n, val(n));
-  if (val("since")) q.set("since_ms", String(new Date(val("since")).getTime()));
-  if (val("until")) q.set("until_ms", String(new Date(val("until")).getTime()));
+  for (const [k, v] of Object.entries(eventFilter())) q.set(k, String(v));
   let r;
   try { r = await api(`/api/agents/${encodeURIComponent(id)}/events?${q}`); }
   catch (e) { el.textContent = e.message; return; }
@@ -551,8 +618,11 @@ async function loadEvents(id, after) {
   state.eventsCursor = a.cursor;
   const table = h("table", { class: "compact", id: "events-table" },
     h("caption", { class: "sr-only" }, "Events of this agent by offset"),
-    h("thead", {}, h("tr", {}, ["Offset", "Status", "Received", "Channel", "Conversation", "Sender", "Text"].map((c) => h("th", { scope: "col" }, c)))),
-    h("tbody", {}, r.events.map((e) => h("tr", {},
+    h("thead", {}, h("tr", {}, (state.canAct ? ["Select"] : []).concat(["Offset", "Status", "Received", "Channel", "Conversation", "Sender", "Text"]).map((c) => h("th", { scope: "col" }, c)))),
+    h("tbody", {}, r.events.map((e) => h("tr", { "data-offset": e.offset },
+      state.canAct ? h("td", {}, e.offset > (a.cursor || 0)
+        ? h("input", { type: "checkbox", class: "ev-select", value: e.offset, "aria-label": `Select event ${e.offset}`,
+          onchange: (ev) => ev.target.closest("tr").classList.toggle("selected", ev.target.checked) }) : "") : null,
       h("th", { scope: "row" }, h("a", { href: `#/agent/${encodeURIComponent(id)}/event/${e.offset}` }, e.offset)),
       h("td", {}, e.offset <= (a.cursor || 0) ? "acked" : "pending"),
       h("td", {}, fmtTime(e.received_at_ms)), h("td", {}, `${e.channel.kind}/${e.channel.name}`),
@@ -562,7 +632,17 @@ async function loadEvents(id, after) {
     r.next_after !== null && r.next_after !== undefined && r.events.length > 0
       ? h("button", { type: "button", onclick: () => loadEvents(id, r.next_after) }, "Next page") : null,
     r.scanned !== undefined ? ` ${r.events.length} match(es) in ${r.scanned} examined` : ` ${r.events.length} shown`);
-  el.replaceChildren(r.events.length ? table : h("p", {}, "No retained events match."), nav);
+  const tools = state.canAct ? h("p", { class: "actions", id: "drop-tools" },
+    h("button", { type: "button", class: "danger", id: "drop-selected", onclick: () => {
+      const offsets = [...document.querySelectorAll("#events-table .ev-select:checked")].map((c) => Number(c.value));
+      if (!offsets.length) { notice("Select pending events first (the boxes in the list).", true); return; }
+      dropEvents(id, { offsets }, `at offset(s) ${offsets.slice(0, 10).join(", ")}${offsets.length > 10 ? ", …" : ""}`);
+    } }, "Drop selected…"),
+    h("button", { type: "button", class: "danger", id: "drop-filtered", onclick: () => {
+      const filter = eventFilter();
+      dropEvents(id, { filter }, Object.keys(filter).length ? "matching the filter above" : "(every pending event)");
+    } }, "Drop all pending matching the filter…")) : null;
+  el.replaceChildren(r.events.length ? table : h("p", {}, "No retained events match."), nav, tools);
 }
 
 // ---- event view ------------------------------------------------------------------------
@@ -576,11 +656,18 @@ async function renderEvent() {
   catch (err) { view.append(h("p", { class: "error" }, err.message)); return; }
   view.append(
     h("dl", { class: "card" },
-      ...[["Offset", e.offset], ["Status", e.status], ["Delivered (this process)", e.delivered_by_this_process ? "yes" : "not yet"],
+      ...[["Offset", e.offset], ["Status", e.status],
+        ["Delivery attempts", h("span", { id: "event-attempts" }, String(e.delivery_attempts),
+          e.delivery_attempts_complete ? "" : " or more", " (since this process started)")],
         ["Channel", `${e.channel.kind}/${e.channel.name}`], ["Conversation", e.conversation], ["Sender", e.sender || "–"],
         ["Dedupe key", e.dedupe_key || "–"], ["Received", fmtTime(e.received_at_ms)], ["Content type", e.content_type],
         ["Size", fmtBytes(e.size)], ["Attachments", e.attachments], ["Text", e.text || "–"]]
         .flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)])),
+    e.deliveries.length ? h("table", { class: "compact", id: "deliveries-table" },
+      h("caption", {}, "Deliveries of this event"),
+      h("thead", {}, h("tr", {}, ["Attempt", "Delivered at", "Session", "In batch of offsets"].map((c) => h("th", { scope: "col" }, c)))),
+      h("tbody", {}, e.deliveries.map((d, i) => h("tr", {}, h("td", { class: "num" }, i + 1),
+        h("td", {}, fmtTime(d.at_ms)), h("td", {}, d.session.toString(16)), h("td", {}, `${d.from}–${d.to}`))))) : null,
     h("h3", {}, "Headers and metadata (secrets redacted)"),
     e.meta.length ? h("table", { class: "compact" }, h("tbody", {}, e.meta.map(([k, v]) => h("tr", {}, h("th", { scope: "row" }, k), h("td", {}, v))))) : h("p", {}, "None."),
     h("h3", {}, "Raw payload"),
@@ -632,7 +719,7 @@ async function renderAudit() {
   view.append(r.entries.length ? h("table", { class: "compact", id: "audit-table" },
     h("thead", {}, h("tr", {}, ["When", "Who", "Action", "Agent", "Detail", "Result"].map((c) => h("th", { scope: "col" }, c)))),
     h("tbody", {}, r.entries.map((e) => h("tr", {}, h("td", {}, fmtTime(e.at_ms)), h("td", {}, e.actor), h("td", {}, e.action),
-      h("td", {}, e.agent), h("td", {}, e.detail), h("td", {}, e.result))))) : h("p", {}, "No actions yet (kept in memory since the last start)."));
+      h("td", {}, e.agent), h("td", {}, e.detail), h("td", {}, e.result))))) : h("p", {}, "No actions yet (the last 1000 are kept in the store)."));
 }
 
 start();
