@@ -164,10 +164,16 @@ pub enum FrameError {
 
 /// Encodes a frame with its length prefix.
 pub fn encode<T: Serialize>(frame: &T) -> Vec<u8> {
-    let mut out = vec![0u8; 4];
+    encode_into(frame, Vec::new())
+}
+
+/// [`encode`] into `buf` (cleared first): a caller that knows about how large the frame is
+/// presizes it, so a half-megabyte `Deliver` is not copied by a dozen reallocations.
+pub fn encode_into<T: Serialize>(frame: &T, mut buf: Vec<u8>) -> Vec<u8> {
+    buf.clear();
+    buf.extend_from_slice(&[0; 4]);
     // Frames are plain owned data; serializing into a Vec cannot fail.
-    let out_body = postcard::to_extend(frame, std::mem::take(&mut out)).expect("frames always serialize");
-    let mut out = out_body;
+    let mut out = postcard::to_extend(frame, buf).expect("frames always serialize");
     let len = (out.len() - 4) as u32;
     out[..4].copy_from_slice(&len.to_be_bytes());
     out

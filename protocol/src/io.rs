@@ -60,6 +60,12 @@ impl FrameReader {
 
 /// Writes one frame.
 pub async fn write_frame<T: Serialize>(send: &mut quinn::SendStream, frame: &T) -> Result<(), IoError> {
-    send.write_all(&encode(frame)).await?;
+    write_encoded(send, encode(frame)).await
+}
+
+/// Writes a frame already encoded (`frame::encode_into`); quinn takes the buffer as it is
+/// instead of copying it.
+pub async fn write_encoded(send: &mut quinn::SendStream, frame: Vec<u8>) -> Result<(), IoError> {
+    send.write_chunk(bytes::Bytes::from(frame)).await?;
     Ok(())
 }

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use concierge_protocol::frame::SUPPORTED_VERSIONS;
-use concierge_protocol::io::{FrameReader, IoError, write_frame};
+use concierge_protocol::frame::{SUPPORTED_VERSIONS, encode_into};
+use concierge_protocol::io::{FrameReader, IoError, write_encoded, write_frame};
 use concierge_protocol::{EventRecord, RejectCode, SendResult, ToAgent, ToProxy};
 use tokio::sync::watch;
 use tracing::Instrument as _;
@@ -214,16 +214,18 @@ async fn stream_events(
             }
             let timings: Vec<(u64, u64)> = events.iter().map(|e| (e.offset, e.received_at_ms)).collect();
             let next_room = (window.saturating_sub(last - acked)).min(MAX_BATCH as u64) as usize;
-            let frame = ToAgent::Deliver { events };
+            // Presized: records plus their per-event framing (offset, time, length varints).
+            let size = events.iter().map(|e| e.record.len() + 24).sum::<usize>() + 16;
+            let frame = encode_into(&ToAgent::Deliver { events }, Vec::with_capacity(size));
             if last < agent.head() && next_room > 0 {
                 let (written, next) = tokio::join!(
-                    write_frame(send, &frame).instrument(span.clone()),
+                    write_encoded(send, frame).instrument(span.clone()),
                     read_batch(app, agent.id(), last, next_room)
                 );
                 written?;
                 prefetched = Some(next?).filter(|b| !b.is_empty());
             } else {
-                write_frame(send, &frame).instrument(span).await?;
+                write_encoded(send, frame).instrument(span).await?;
             }
             sent = last;
             app.metrics.delivered(&timings, agent.note_delivered(session, &timings));
