@@ -269,3 +269,41 @@ fn reply_building_threads_and_fixes_the_message_id() {
     let bad = SendRequest { body: "plain text".into(), ..request };
     assert!(build("helpdesk", "support@example.com", &bad).is_err());
 }
+
+#[test]
+fn bare_cr_in_a_command_closes() {
+    let mut s = session();
+    let out = s.receive(b"EHLO c\r\nNOOP a\rb\r\nMAIL FROM:<a@x>\r\n");
+    assert_eq!(codes(&out), ["250", "521", "CLOSE"]);
+    assert!(replies(&out).contains("521 5.5.2 Error: bare CR"), "{}", replies(&out));
+    assert!(s.is_closed());
+}
+
+#[test]
+fn helo_is_plain_smtp() {
+    let mut s = session();
+    let out = s.receive(b"HELO client.test\r\nMAIL FROM:<a@x>\r\nRCPT TO:<support@example.com>\r\nDATA\r\n");
+    assert_eq!(codes(&out), ["250", "250", "250", "354"]);
+    let helo = replies(&out[..1]);
+    assert_eq!(helo, "250 mx.test\r\n", "a one-line reply, no extensions");
+    let out = s.receive(b"x\r\n.\r\n");
+    let [Output::Deliver(env)] = &out[..] else { panic!("{out:?}") };
+    assert_eq!(env.helo, "client.test");
+    s.stored(StoreOutcome::Stored);
+    // Extensions need EHLO: SMTPUTF8 after HELO is refused.
+    let out = s.receive("MAIL FROM:<jösé@x.test> SMTPUTF8\r\n".as_bytes());
+    assert_eq!(codes(&out), ["503"]);
+}
+
+#[test]
+fn rset_inside_a_transaction_forgets_it() {
+    let mut s = session();
+    let out = s.receive(b"EHLO c\r\nMAIL FROM:<a@x>\r\nRCPT TO:<support@example.com>\r\nRSET\r\nDATA\r\nRCPT TO:<sales@example.com>\r\n");
+    assert_eq!(codes(&out), ["250", "250", "250", "250", "503", "503"], "no transaction after RSET");
+    let out = s.receive(b"MAIL FROM:<b@x>\r\nRCPT TO:<sales@example.com>\r\nDATA\r\nx\r\n.\r\n");
+    assert_eq!(codes(&out), ["250", "250", "354", "DELIVER"]);
+    let Output::Deliver(env) = &out[3] else { unreachable!() };
+    assert_eq!(env.mail_from, "b@x");
+    let agents: Vec<&str> = env.recipients.iter().map(|r| r.agent.as_str()).collect();
+    assert_eq!(agents, ["sales"], "the recipient from before RSET is gone");
+}

@@ -45,7 +45,8 @@ pub struct SmtpConfig {
     pub tls: Option<TlsFiles>,
     /// Upstream MTAs whose `Authentication-Results` headers are passed through.
     pub trusted_relays: Vec<IpNet>,
-    /// When set, only `Authentication-Results` with this authserv-id are passed through.
+    /// Only `Authentication-Results` with this authserv-id are passed through; required when
+    /// `trusted_relays` is set (a header with another id may be forged by the sender).
     pub authserv_id: Option<String>,
     /// Outbound submission relay for agent replies; `None` = agents cannot send email.
     pub relay: Option<RelayConfig>,
@@ -303,7 +304,20 @@ impl Ctx<'_> {
                 ),
             }
         }
-        let authserv_id = raw.authserv_id.as_ref().map(|t| self.string("smtp.authserv_id", Some(t), ""));
+        let authserv_id = raw
+            .authserv_id
+            .as_ref()
+            .map(|t| self.string("smtp.authserv_id", Some(t), "").trim().to_string())
+            .filter(|id| !id.is_empty());
+        // A trusted relay that does not strip Authentication-Results would otherwise pass on
+        // ones the original sender forged; only the relay's own authserv-id is believable.
+        if !trusted_relays.is_empty() && raw.authserv_id.is_none() {
+            self.err(
+                "smtp.authserv_id",
+                "required with smtp.trusted_relays: the authserv-id your relays write in \
+                 Authentication-Results (e.g. \"mx.example.com\"); only those headers are passed through",
+            );
+        }
         let relay = raw.relay.as_ref().and_then(|v| self.relay(v));
         Some(SmtpConfig {
             listen,
@@ -552,6 +566,16 @@ mod tests {
             crate::load_str(&format!("{AGENT}[smtp]\nlisten = \"127.0.0.1:25\"\n"), "c.toml").unwrap_err().to_string();
         assert!(err.contains("c.toml: smtp.domains: required"), "{err}");
         assert!(err.contains("c.toml: smtp.addresses: required"), "{err}");
+    }
+
+    #[test]
+    fn trusted_relays_need_an_authserv_id() {
+        let base = format!("{AGENT}[smtp]\ndomains = [\"example.com\"]\ntrusted_relays = [\"10.0.0.0/8\"]\n");
+        let tail = "[smtp.addresses]\nsupport = \"helpdesk\"\n";
+        let err = crate::load_str(&format!("{base}{tail}"), "c.toml").unwrap_err().to_string();
+        assert!(err.contains("c.toml: smtp.authserv_id: required with smtp.trusted_relays"), "{err}");
+        let c = crate::load_str(&format!("{base}authserv_id = \"mx.example.com\"\n{tail}"), "c.toml").unwrap();
+        assert_eq!(c.smtp.unwrap().authserv_id.as_deref(), Some("mx.example.com"));
     }
 
     /// RFC 8410 §10.3's Ed25519 private key.

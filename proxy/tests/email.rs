@@ -25,29 +25,60 @@ fn python_has(modules: &str) -> bool {
 }
 
 /// A local SMTP sink (aiosmtpd) standing in for the submission relay. It writes each message
-/// to `<dir>/<n>.eml` and answers 451 to the first `fail_first` DATA commands.
+/// to `<dir>/<n>.eml` (with `<n>.json`: TLS used, login) and each refused DATA to
+/// `<dir>/refused-<n>.eml`, answering 451 to the first `fail_first` DATA commands, or 550 to
+/// every one in `refuse` mode. With a certificate it offers STARTTLS and requires it; with a
+/// login it requires AUTH.
 struct RelaySink {
     port: u16,
     dir: tempfile::TempDir,
     child: Child,
 }
 
+/// How the sink behaves.
+#[derive(Default)]
+struct SinkOptions {
+    fail_first: u32,
+    refuse: bool,
+    tls: Option<(PathBuf, PathBuf)>,
+    login: Option<(&'static str, &'static str)>,
+}
+
 const SINK_PY: &str = r#"
-import os, sys, time
+import json, os, ssl, sys, time, warnings
+warnings.simplefilter('ignore')  # AUTH without TLS is what the plaintext AUTH test wants
 from aiosmtpd.controller import Controller
-port, out, fail = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+from aiosmtpd.smtp import AuthResult, LoginPassword
+port, out, fail, mode, cert, key, user, password = sys.argv[1:9]
+port, fail = int(port), int(fail)
 class Handler:
     def __init__(self):
-        self.n, self.fail = 0, fail
+        self.n, self.refused, self.fail = 0, 0, fail
     async def handle_DATA(self, server, session, envelope):
-        if self.fail > 0:
+        if mode == 'refuse' or self.fail > 0:
             self.fail -= 1
-            return '451 4.3.0 Try again later'
+            self.refused += 1
+            with open(os.path.join(out, 'refused-%d.eml' % self.refused), 'wb') as f:
+                f.write(envelope.original_content)
+            return '550 5.7.1 Message refused by policy' if mode == 'refuse' else '451 4.3.0 Try again later'
         self.n += 1
         with open(os.path.join(out, '%d.eml' % self.n), 'wb') as f:
             f.write(envelope.original_content)
+        login = session.auth_data.login.decode() if isinstance(session.auth_data, LoginPassword) else None
+        with open(os.path.join(out, '%d.json' % self.n), 'w') as f:
+            json.dump({'tls': session.ssl is not None, 'login': login}, f)
         return '250 2.0.0 Queued'
-c = Controller(Handler(), hostname='127.0.0.1', port=port)
+def authenticator(server, session, envelope, mechanism, data):
+    ok = isinstance(data, LoginPassword) and data.login.decode() == user and data.password.decode() == password
+    return AuthResult(success=ok, handled=False, auth_data=data)
+kwargs = {}
+if cert:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    kwargs.update(tls_context=ctx, require_starttls=True)
+if user:
+    kwargs.update(authenticator=authenticator, auth_required=True, auth_require_tls=bool(cert))
+c = Controller(Handler(), hostname='127.0.0.1', port=port, **kwargs)
 c.start()
 deadline = time.time() + 600
 while time.time() < deadline:
@@ -56,17 +87,25 @@ while time.time() < deadline:
 
 impl RelaySink {
     fn start(fail_first: u32) -> RelaySink {
+        RelaySink::start_with(SinkOptions { fail_first, ..SinkOptions::default() })
+    }
+
+    fn start_with(o: SinkOptions) -> RelaySink {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let script = dir.path().join("sink.py");
         std::fs::write(&script, SINK_PY).unwrap();
         let out = dir.path().join("out");
         std::fs::create_dir(&out).unwrap();
+        let (cert, key) = o.tls.map(|(c, k)| (c.display().to_string(), k.display().to_string())).unwrap_or_default();
+        let (user, password) = o.login.unwrap_or_default();
         let child = Command::new("python3")
             .arg(&script)
             .arg(port.to_string())
             .arg(&out)
-            .arg(fail_first.to_string())
+            .arg(o.fail_first.to_string())
+            .arg(if o.refuse { "refuse" } else { "defer" })
+            .args([cert.as_str(), key.as_str(), user, password])
             .stdout(Stdio::null())
             .spawn()
             .expect("python3 runs");
@@ -78,15 +117,26 @@ impl RelaySink {
         RelaySink { port, dir, child }
     }
 
-    fn messages(&self) -> Vec<String> {
+    /// Files `<prefix><n>.<ext>` for n = 1, 2, ... until one is missing.
+    fn files(&self, prefix: &str, ext: &str) -> Vec<String> {
         let mut out = Vec::new();
         for n in 1.. {
-            match std::fs::read(self.dir.path().join("out").join(format!("{n}.eml"))) {
+            match std::fs::read(self.dir.path().join("out").join(format!("{prefix}{n}.{ext}"))) {
                 Ok(b) => out.push(String::from_utf8_lossy(&b).into_owned()),
                 Err(_) => break,
             }
         }
         out
+    }
+
+    /// Messages accepted.
+    fn messages(&self) -> Vec<String> {
+        self.files("", "eml")
+    }
+
+    /// Messages whose DATA was answered 451 or 550.
+    fn refused(&self) -> Vec<String> {
+        self.files("refused-", "eml")
     }
 }
 
@@ -125,7 +175,7 @@ fn email_config(dir: &Path, port: u16, relay: Option<u16>, extra: &str) -> Strin
         })
         .unwrap_or_default();
     format!(
-        "{}{}[smtp]\nlisten = \"127.0.0.1:{port}\"\nhostname = \"mx.example.com\"\ndomains = [\"example.com\"]\nmax_recipients = 3\nmax_message_size = {MAX_SIZE}\ngreeting_delay = \"200ms\"\ncommand_timeout = \"4s\"\ntrusted_relays = [\"127.0.0.1\"]\n{extra}\n[smtp.addresses]\nsupport = \"helpdesk\"\n\"sales@example.com\" = \"sales\"\n[smtp.tls]\ncert = \"{}\"\nkey = \"{}\"\n{relay}",
+        "{}{}[smtp]\nlisten = \"127.0.0.1:{port}\"\nhostname = \"mx.example.com\"\ndomains = [\"example.com\"]\nmax_recipients = 3\nmax_message_size = {MAX_SIZE}\ngreeting_delay = \"200ms\"\ncommand_timeout = \"4s\"\ntrusted_relays = [\"127.0.0.1\"]\nauthserv_id = \"mx.example.com\"\n{extra}\n[smtp.addresses]\nsupport = \"helpdesk\"\n\"sales@example.com\" = \"sales\"\n[smtp.tls]\ncert = \"{}\"\nkey = \"{}\"\n{relay}",
         self_connecting_agent("helpdesk"),
         self_connecting_agent("sales"),
         cert.display(),
@@ -152,6 +202,23 @@ impl Raw {
         let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
         Raw { s, buf: Vec::new() }
+    }
+
+    /// Connects from loopback address `source` (127.0.0.x), so per-IP caps can be told apart.
+    fn connect_from(source: &str, port: u16) -> Raw {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.bind(&std::net::SocketAddr::new(source.parse().unwrap(), 0).into()).unwrap();
+        socket.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into()).unwrap();
+        let s: TcpStream = socket.into();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        Raw { s, buf: Vec::new() }
+    }
+
+    fn greeted_from(source: &str, port: u16) -> Raw {
+        let mut r = Raw::connect_from(source, port);
+        let g = r.reply();
+        assert!(g.starts_with("220 "), "greeting for {source}: {g}");
+        r
     }
 
     fn greeted(port: u16) -> Raw {
@@ -220,6 +287,24 @@ fn python(script: &str) -> String {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "python failed:\n{text}");
     text
+}
+
+/// The log without ANSI colour sequences, so `key=value` fields can be matched.
+fn without_colours(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn meta<'a>(e: &'a concierge_protocol::Event, key: &str) -> Option<&'a str> {
@@ -406,7 +491,9 @@ async fn store_failure_during_data_answers_451_and_the_retry_is_stored_once() {
 async fn hostile_input_gets_exact_codes_while_a_good_session_delivers() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let config = write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &email_config(dir.path(), port, None, ""));
+    // Every attack comes from 127.0.0.1 at once: room above the default per-IP cap of 20.
+    let extra = "max_connections_per_ip = 50\n";
+    let config = write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &email_config(dir.path(), port, None, extra));
     let proxy = Proxy::start(&config);
     wait_port(port);
 
@@ -488,6 +575,76 @@ async fn hostile_input_gets_exact_codes_while_a_good_session_delivers() {
             assert!(r.starts_with("421 4.4.2"), "{r}");
             assert!(started.elapsed() >= Duration::from_secs(3));
         }),
+        std::thread::spawn(move || {
+            // The other published smuggling sequences (two ran above), each ending DATA
+            // somewhere other than CRLF.CRLF with a second transaction behind it.
+            for smuggle in [&b"\n.\n"[..], b"\r\n.\r", b"\r\n.\n", b"x\ny\r\n"] {
+                let mut c = Raw::greeted(port);
+                c.open_data("support@example.com");
+                let mut input = b"Subject: z\r\n\r\nhi".to_vec();
+                input.extend_from_slice(smuggle);
+                input.extend_from_slice(
+                    b"MAIL FROM:<evil@x>\r\nRCPT TO:<sales@example.com>\r\nDATA\r\nsmuggled\r\n.\r\n",
+                );
+                c.send(&input);
+                let r = c.reply();
+                assert!(r.starts_with("521 5.5.2"), "sequence {smuggle:?}: {r}");
+                assert!(c.closed(), "sequence {smuggle:?}");
+            }
+        }),
+        std::thread::spawn(move || {
+            // Bare LF, then bare CR, inside a command line.
+            let mut c = Raw::greeted(port);
+            c.send(b"EHLO c\nMAIL FROM:<a@x>\r\n");
+            let r = c.reply();
+            assert!(r.starts_with("521 5.5.2 Error: bare LF"), "{r}");
+            assert!(c.closed());
+            let mut c = Raw::greeted(port);
+            c.send(b"NOOP a\rb\r\n");
+            let r = c.reply();
+            assert!(r.starts_with("521 5.5.2 Error: bare CR"), "{r}");
+            assert!(c.closed());
+        }),
+        std::thread::spawn(move || {
+            // Error counting: the tenth bad command (max_errors' default) ends the session.
+            let mut c = Raw::greeted(port);
+            for n in 1..10 {
+                assert!(c.cmd("BOGUS").starts_with("500 5.5.1"), "error {n}");
+            }
+            assert!(c.cmd("BOGUS").starts_with("500 5.5.1"));
+            let r = c.reply();
+            assert!(r.starts_with("421 4.7.0 Too many errors"), "{r}");
+            assert!(c.closed());
+        }),
+        std::thread::spawn(move || {
+            // STARTTLS injection: a MAIL FROM pipelined in plaintext behind STARTTLS must not
+            // survive into the TLS session (RCPT then has no transaction: 503).
+            let out = python(&format!(
+                r#"
+import socket, ssl
+s = socket.create_connection(('127.0.0.1', {port}), timeout=15)
+f = s.makefile('rb')
+def reply(f):
+    lines = []
+    while True:
+        line = f.readline().decode()
+        lines.append(line)
+        if len(line) < 4 or line[3] != '-':
+            return ''.join(lines)
+assert reply(f).startswith('220'), 'greeting'
+s.sendall(b'EHLO c\r\n'); assert reply(f).startswith('250')
+s.sendall(b'STARTTLS\r\nMAIL FROM:<injected@x>\r\n')
+assert reply(f).startswith('220 2.0.0'), 'STARTTLS accepted'
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+t = ctx.wrap_socket(s, server_hostname='localhost')
+g = t.makefile('rb')
+t.sendall(b'EHLO c\r\n'); print('EHLO', reply(g).splitlines()[-1])
+t.sendall(b'RCPT TO:<support@example.com>\r\n'); print('RCPT', reply(g).strip())
+"#
+            ));
+            assert!(out.contains("EHLO 250"), "{out}");
+            assert!(out.contains("RCPT 503 5.5.1"), "the injected MAIL FROM was discarded: {out}");
+        }),
     ];
     // The good session keeps talking (within its idle timeout) while the attacks run.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -508,7 +665,19 @@ async fn hostile_input_gets_exact_codes_while_a_good_session_delivers() {
     let mut sales = proxy.connect("sales").await;
     expect_no_more(&mut sales, Duration::from_millis(300)).await;
     let log = proxy.log();
-    for line in ["before the greeting", "HTTP request", "bare LF", "bare CR", "too long", "NUL", "timed out"] {
+    for line in [
+        "before the greeting",
+        "HTTP request",
+        "bare LF in DATA",
+        "bare CR in DATA",
+        "bare LF in a command",
+        "bare CR in a command",
+        "too long",
+        "NUL",
+        "timed out",
+        "too many errors",
+        "plaintext pipelined after STARTTLS discarded",
+    ] {
         assert!(log.contains(line), "log line for {line:?} missing:\n{log}");
     }
 }
@@ -553,11 +722,20 @@ async fn relay_4xx_then_success_delivers_one_message_with_one_message_id() {
     let sent = sink.messages();
     assert_eq!(sent.len(), 1, "one message after two 451s");
     assert_eq!(header(&sent[0], "Message-ID").as_deref(), Some(platform_ids[0].as_str()));
+    // Every attempt carried that Message-ID (and, signed once, the same bytes).
+    let refused = sink.refused();
+    assert_eq!(refused.len(), 2, "two attempts answered 451");
+    for attempt in &refused {
+        assert_eq!(header(attempt, "Message-ID").as_deref(), Some(platform_ids[0].as_str()), "{attempt}");
+        assert_eq!(attempt, &sent[0], "a retry resends the same message");
+    }
     assert_eq!(header(&sent[0], "In-Reply-To").as_deref(), Some("<p@client.test>"));
     assert!(proxy.log().matches("email reply deferred; retrying").count() >= 2);
     let dkim = header(&sent[0], "DKIM-Signature").expect("a DKIM-Signature");
     assert!(dkim.contains("a=ed25519-sha256; c=relaxed/relaxed; d=example.com; s=sel;"), "{dkim}");
-    if python_has("dkim, nacl.signing") {
+    // dkimpy installed (scripts/test installs it) means the check runs; only its absence skips.
+    if python_has("dkim") {
+        assert!(python_has("nacl.signing"), "dkimpy is installed but PyNaCl is not (pip install pynacl)");
         let check = format!(
             "import dkim, nacl.signing, base64\nmsg = open({:?}, 'rb').read()\n\
              pk = base64.b64encode(bytes(nacl.signing.SigningKey(bytes.fromhex('{DKIM_SEED_HEX}')).verify_key))\n\
@@ -580,4 +758,391 @@ async fn relay_4xx_then_success_delivers_one_message_with_one_message_id() {
         SendResult::Err { code, retryable, .. } => assert_eq!((code.as_str(), retryable), ("bad_request", false)),
         ok => panic!("{ok:?}"),
     }
+}
+
+/// One message to support@, support+x@ (the same agent) and sales@: one event each for
+/// helpdesk and sales, and `raw` is exactly the bytes sent (dot-unstuffed).
+#[tokio::test(flavor = "multi_thread")]
+async fn one_message_to_two_agents_is_stored_once_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &email_config(dir.path(), port, None, ""));
+    let proxy = Proxy::start(&config);
+    wait_port(port);
+    // From 127.0.0.1, a trusted relay: only its own (authserv-id mx.example.com)
+    // Authentication-Results pass, not the one the sender forged.
+    let message = "Authentication-Results: mx.example.com; spf=pass smtp.mailfrom=alice@client.test\r\n\
+                   Authentication-Results: bank.example; dkim=pass header.d=bank.example\r\n\
+                   From: Alice <alice@client.test>\r\nTo: support@example.com, sales@example.com\r\n\
+                   Cc: support+x@example.com\r\nMessage-ID: <both@client.test>\r\nSubject: for both\r\n\r\n\
+                   .a line that starts with a dot\r\ntrailing spaces   \r\n\tand a tab\r\n";
+    let mut c = Raw::greeted(port);
+    assert!(c.cmd("EHLO client.test").starts_with("250"));
+    assert!(c.cmd("MAIL FROM:<alice@client.test>").starts_with("250"));
+    for rcpt in ["support@example.com", "support+x@example.com", "sales@example.com"] {
+        assert!(c.cmd(&format!("RCPT TO:<{rcpt}>")).starts_with("250"), "{rcpt}");
+    }
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(message.replace("\r\n.", "\r\n..").as_bytes());
+    let r = c.cmd(".");
+    assert!(r.starts_with("250 2.0.0"), "{r}");
+
+    let mut helpdesk = proxy.connect("helpdesk").await;
+    let h = receive_n(&mut helpdesk, 1, Duration::from_secs(20)).await;
+    expect_no_more(&mut helpdesk, Duration::from_millis(500)).await;
+    let mut sales = proxy.connect("sales").await;
+    let s = receive_n(&mut sales, 1, Duration::from_secs(20)).await;
+    expect_no_more(&mut sales, Duration::from_millis(300)).await;
+    let rcpts: Vec<&str> = h[0].data.meta.iter().filter(|(k, _)| k == "rcpt").map(|(_, v)| v.as_str()).collect();
+    assert_eq!(rcpts, ["support@example.com", "support+x@example.com"], "one event, both addresses");
+    assert_eq!(meta(&h[0], "tag"), Some("x"));
+    assert_eq!(s[0].data.channel.name, "sales@example.com");
+    for e in [&h[0], &s[0]] {
+        assert_eq!(e.data.raw, message.as_bytes(), "raw is the message byte for byte");
+        assert_eq!(meta(e, "message_id"), Some("<both@client.test>"));
+        assert_eq!(meta(e, "to"), Some("support@example.com, sales@example.com"));
+        assert_eq!(meta(e, "cc"), Some("support+x@example.com"));
+        assert_eq!(meta(e, "from_name"), Some("Alice"));
+        assert_eq!(meta(e, "helo"), Some("client.test"));
+        let results: Vec<&str> =
+            e.data.meta.iter().filter(|(k, _)| k == "authentication_results").map(|(_, v)| v.as_str()).collect();
+        assert_eq!(results, ["mx.example.com; spf=pass smtp.mailfrom=alice@client.test"]);
+    }
+}
+
+/// Per-IP and global connection caps answer 421 4.7.0, a client kept busy past
+/// `session_timeout` gets 421 4.4.2, each with a log line, while a good session delivers.
+#[tokio::test(flavor = "multi_thread")]
+async fn connection_caps_and_session_timeout_while_a_good_session_delivers() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let extra = "max_connections = 4\nmax_connections_per_ip = 2\nsession_timeout = \"5s\"\n";
+    let config = write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &email_config(dir.path(), port, None, extra));
+    let proxy = Proxy::start(&config);
+    wait_port(port);
+
+    // Slot 1 of 127.0.0.1, 1 of 4 overall: mid-DATA throughout.
+    let mut good = Raw::greeted_from("127.0.0.1", port);
+    good.open_data("support@example.com");
+    good.send(b"From: good@client.test\r\nMessage-ID: <capped@client.test>\r\nSubject: fine\r\n\r\n");
+    // 127.0.0.2 keeps its session busy (a NOOP every 500 ms, under command_timeout) until
+    // session_timeout ends it.
+    let mut busy = Raw::greeted_from("127.0.0.2", port);
+    let busy_started = Instant::now();
+    let trickler = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut answered = 0;
+        while Instant::now() < deadline {
+            let r = busy.cmd("NOOP");
+            if !r.starts_with("250") {
+                return (r, answered, busy_started.elapsed(), busy.closed());
+            }
+            answered += 1;
+            // Wait 500 ms by listening, so a 421 sent meanwhile is read before the next write.
+            busy.s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+            let unsolicited = busy.reply();
+            busy.s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+            if !unsolicited.is_empty() {
+                return (unsolicited, answered, busy_started.elapsed(), busy.closed());
+            }
+        }
+        (String::new(), answered, busy_started.elapsed(), false)
+    });
+    // Slot 2 of 127.0.0.1; a third from it is refused by the per-IP cap.
+    let second = Raw::greeted_from("127.0.0.1", port);
+    let mut third = Raw::connect_from("127.0.0.1", port);
+    let r = third.reply();
+    assert!(r.starts_with("421 4.7.0 Too many connections from your address"), "{r}");
+    assert!(third.closed());
+    // The fourth session overall; a fifth (another address) is refused by the global cap.
+    let fourth = Raw::greeted_from("127.0.0.3", port);
+    let mut fifth = Raw::connect_from("127.0.0.4", port);
+    let r = fifth.reply();
+    assert!(r.starts_with("421 4.7.0 Too many connections;"), "{r}");
+    assert!(fifth.closed());
+
+    // The good session's mail is stored meanwhile.
+    good.send(b"body\r\n");
+    let r = good.cmd(".");
+    assert!(r.starts_with("250 2.0.0"), "{r}");
+    assert!(good.cmd("QUIT").starts_with("221"));
+    // Closed sessions give their slots back: 127.0.0.1 gets in again (bounded wait).
+    drop(second);
+    drop(fourth);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut again = Raw::connect_from("127.0.0.1", port);
+        let g = again.reply();
+        if g.starts_with("220") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slots never returned: {g}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let (r, answered, elapsed, closed) = trickler.join().expect("trickler ran");
+    assert!(r.starts_with("421 4.4.2"), "the busy session is ended by session_timeout: {r:?}");
+    assert!(closed, "and closed");
+    assert!(answered >= 3, "it was served until then ({answered} NOOPs)");
+    assert!(elapsed >= Duration::from_secs(4), "not before session_timeout (5 s): {elapsed:?}");
+
+    let mut agent = proxy.connect("helpdesk").await;
+    let got = receive_n(&mut agent, 1, Duration::from_secs(20)).await;
+    expect_no_more(&mut agent, Duration::from_millis(300)).await;
+    assert_eq!(meta(&got[0], "message_id"), Some("<capped@client.test>"));
+    let log = proxy.log();
+    for line in ["per-IP connection cap", "global connection cap", "exceeded session_timeout"] {
+        assert!(log.contains(line), "log line for {line:?} missing:\n{log}");
+    }
+}
+
+/// `[smtp.relay]` towards the test sink with the given TLS mode and login.
+fn relay_section(port: u16, tls: &str, login: Option<(&str, &str)>) -> String {
+    let login = login.map(|(u, p)| format!("username = \"{u}\"\npassword = \"{p}\"\n")).unwrap_or_default();
+    format!(
+        "[smtp.relay]\nhost = \"127.0.0.1\"\nport = {port}\ntls = \"{tls}\"\ntimeout = \"5s\"\nmax_attempts = 4\nbackoff_initial = \"100ms\"\n{login}"
+    )
+}
+
+/// Starts the proxy with `relay`, delivers one message to helpdesk, and returns the agent's
+/// result for a reply to it (with the proxy and its directory, which must outlive it).
+async fn reply_through(relay: &str) -> (SendResult, Proxy, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let body = format!("{}{relay}", email_config(dir.path(), port, None, ""));
+    let config = write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &body);
+    let proxy = Proxy::start(&config);
+    wait_port(port);
+    swaks(port, &["--to", "support@example.com", "--header", "Message-Id: <q@client.test>", "--body", "q"]);
+    let mut agent = proxy.connect("helpdesk").await;
+    let got = receive_n(&mut agent, 1, Duration::from_secs(20)).await;
+    let result = agent.send(concierge_protocol::email::reply(&got[0], "answer-1", "a")).await.unwrap();
+    (result, proxy, dir)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn relay_5xx_is_a_permanent_error_after_one_attempt() {
+    let sink = RelaySink::start_with(SinkOptions { refuse: true, ..SinkOptions::default() });
+    let (result, proxy, _dir) = reply_through(&relay_section(sink.port, "none", None)).await;
+    match &result {
+        SendResult::Err { code, retryable, message } => {
+            assert_eq!((code.as_str(), *retryable), ("rejected", false), "{message}");
+            assert!(message.contains("550"), "{message}");
+        }
+        ok => panic!("{ok:?}"),
+    }
+    assert_eq!(sink.refused().len(), 1, "exactly one attempt");
+    assert!(sink.messages().is_empty());
+    let log = proxy.log();
+    assert!(!log.contains("email reply deferred; retrying"), "no retry:\n{log}");
+    assert!(log.contains("email reply refused"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn relay_auth_logs_in_and_a_wrong_password_is_permanent() {
+    let sink = RelaySink::start_with(SinkOptions { login: Some(("concierge", "s3cret-pw")), ..SinkOptions::default() });
+    let (result, _proxy, _dir) =
+        reply_through(&relay_section(sink.port, "none", Some(("concierge", "s3cret-pw")))).await;
+    assert!(matches!(result, SendResult::Ok { .. }), "{result:?}");
+    let sent = sink.files("", "json");
+    assert_eq!(sent.len(), 1);
+    assert!(sent[0].contains("\"login\": \"concierge\""), "the relay saw our login: {}", sent[0]);
+
+    let (result, proxy, _dir) =
+        reply_through(&relay_section(sink.port, "none", Some(("concierge", "wr0ng-pw-zz")))).await;
+    match &result {
+        SendResult::Err { code, retryable, message } => {
+            assert_eq!((code.as_str(), *retryable), ("rejected", false), "{message}");
+            assert!(message.contains("AUTH"), "{message}");
+            assert!(!message.contains("wr0ng-pw-zz"), "the password is not echoed: {message}");
+        }
+        ok => panic!("{ok:?}"),
+    }
+    assert!(!proxy.log().contains("wr0ng-pw-zz"), "the password is not logged");
+    assert_eq!(sink.messages().len(), 1, "nothing sent without a login");
+}
+
+/// `tls = "starttls"` with a login against a relay that requires STARTTLS: the relay's
+/// certificate is verified (webpki roots; there is no setting for a private CA), so a
+/// self-signed relay is refused before any credential is sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn relay_starttls_verifies_the_relay_certificate_before_auth() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = RelaySink::start_with(SinkOptions {
+        tls: Some(self_signed(dir.path())),
+        login: Some(("concierge", "s3cret-pw")),
+        ..SinkOptions::default()
+    });
+    let (result, proxy, _dir) =
+        reply_through(&relay_section(sink.port, "starttls", Some(("concierge", "s3cret-pw")))).await;
+    match &result {
+        SendResult::Err { code, retryable, message } => {
+            assert_eq!((code.as_str(), *retryable), ("rejected", false), "{message}");
+            assert!(message.contains("relay STARTTLS"), "failed in the STARTTLS phase: {message}");
+            assert!(message.to_lowercase().contains("certificate"), "{message}");
+        }
+        ok => panic!("a self-signed relay was trusted: {ok:?}"),
+    }
+    assert!(sink.messages().is_empty());
+    assert!(!proxy.log().contains("s3cret-pw"));
+}
+
+/// The rest of the client matrix: swaks over HELO, with an 8-bit body and with raw UTF-8
+/// headers; smtplib plain and with an attachment. Each reaches sales once, fields intact.
+#[tokio::test(flavor = "multi_thread")]
+async fn client_matrix_swaks_8bit_utf8_and_smtplib_plain_attachment() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &email_config(dir.path(), port, None, ""));
+    let proxy = Proxy::start(&config);
+    wait_port(port);
+
+    // 1. swaks speaking plain SMTP (HELO, no extensions).
+    let out = swaks(
+        port,
+        &[
+            "--protocol",
+            "SMTP",
+            "--to",
+            "sales@example.com",
+            "--header",
+            "Message-Id: <m1@client.test>",
+            "--body",
+            "over HELO",
+        ],
+    );
+    assert!(out.contains("-> HELO client.test"), "{out}");
+    // 2. swaks, 8-bit body (Content-Transfer-Encoding: 8bit) from a file.
+    let eight = dir.path().join("eight.eml");
+    std::fs::write(
+        &eight,
+        "From: alice@client.test\r\nTo: sales@example.com\r\nSubject: 8bit\r\nMessage-ID: <m2@client.test>\r\n\
+         MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n\
+         Straße, café, naïve\r\n",
+    )
+    .unwrap();
+    swaks(port, &["--to", "sales@example.com", "--data", &format!("@{}", eight.display())]);
+    // 3. swaks cannot send SMTPUTF8: version 20201014 (Debian's) has no option for the MAIL
+    // FROM parameter. So a UTF-8 envelope address from swaks is refused, as RFC 6531 asks of
+    // a client that did not say SMTPUTF8 ...
+    let out = Command::new("swaks")
+        .args(["--server", &format!("127.0.0.1:{port}"), "--helo", "client.test"])
+        .args(["--from", "jörg@client.test", "--to", "sales@example.com"])
+        .output()
+        .expect("swaks runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success() && text.contains("553 5.6.7"), "{text}");
+    // ... and what it can do is UTF-8 in the headers and body (RFC 6532) with ASCII addresses.
+    let utf8 = dir.path().join("utf8.eml");
+    std::fs::write(
+        &utf8,
+        "From: Jörg Müller <joerg@client.test>\r\nTo: sales@example.com\r\nSubject: Grüße ☃\r\n\
+         Message-ID: <m3@client.test>\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n\
+         unicode ✓\r\n",
+    )
+    .unwrap();
+    swaks(
+        port,
+        &["--from", "joerg@client.test", "--to", "sales@example.com", "--data", &format!("@{}", utf8.display())],
+    );
+    // 4-5. smtplib: plain text, then a message with an attachment.
+    python(&format!(
+        r#"
+import smtplib
+from email.message import EmailMessage
+plain = 'From: bob@client.test\r\nTo: sales@example.com\r\nSubject: plain\r\nMessage-ID: <m4@client.test>\r\n\r\njust text\r\n'
+with smtplib.SMTP('127.0.0.1', {port}, timeout=20) as s:
+    s.sendmail('bob@client.test', ['sales@example.com'], plain)
+m = EmailMessage()
+m['From'] = 'bob@client.test'; m['To'] = 'sales@example.com'; m['Subject'] = 'with file'; m['Message-ID'] = '<m5@client.test>'
+m.set_content('see attached')
+m.add_attachment(bytes(range(256)), maintype='application', subtype='octet-stream', filename='data.bin')
+with smtplib.SMTP('127.0.0.1', {port}, timeout=20) as s:
+    s.send_message(m)
+"#
+    ));
+
+    let mut sales = proxy.connect("sales").await;
+    let got = receive_n(&mut sales, 5, Duration::from_secs(20)).await;
+    expect_no_more(&mut sales, Duration::from_millis(500)).await;
+    let ids: Vec<Option<&str>> = got.iter().map(|e| meta(e, "message_id")).collect();
+    let want: Vec<Option<&str>> =
+        ["<m1@client.test>", "<m2@client.test>", "<m3@client.test>", "<m4@client.test>", "<m5@client.test>"]
+            .into_iter()
+            .map(Some)
+            .collect();
+    assert_eq!(ids, want, "each once, in order");
+    let text = |e: &concierge_protocol::Event| e.data.text.as_deref().map(str::trim).map(str::to_string);
+    assert_eq!(text(&got[0]).as_deref(), Some("over HELO"));
+    assert_eq!(meta(&got[0], "helo"), Some("client.test"));
+    assert_eq!(text(&got[1]).as_deref(), Some("Straße, café, naïve"));
+    assert_eq!(meta(&got[2], "subject"), Some("Grüße ☃"));
+    assert_eq!(meta(&got[2], "from_name"), Some("Jörg Müller"));
+    assert_eq!(text(&got[2]).as_deref(), Some("unicode ✓"));
+    assert_eq!(text(&got[3]).as_deref(), Some("just text"));
+    assert_eq!(got[3].data.sender.as_deref(), Some("bob@client.test"));
+    assert_eq!(text(&got[4]).as_deref(), Some("see attached"));
+    let a = &got[4].data.attachments;
+    assert_eq!(a.len(), 1, "{a:?}");
+    assert_eq!(
+        (a[0].content_type.as_deref(), a[0].name.as_deref(), a[0].size),
+        (Some("application/octet-stream"), Some("data.bin"), Some(256))
+    );
+    for e in &got {
+        assert_eq!(e.data.channel.name, "sales@example.com");
+    }
+}
+
+/// The real store refuses the second agent's write once (a Redis ACL denies writes to
+/// sales's keys): the message is answered 451, and the sender's retry leaves exactly one event
+/// per agent — helpdesk's copy from the failed attempt is recognised by its Message-ID.
+#[tokio::test(flavor = "multi_thread")]
+async fn second_agent_store_failure_answers_451_and_the_retry_stores_once_per_agent() {
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config =
+        write_config(dir.path(), &Backend::Redis(redis.url()), [0, 0, 0], &email_config(dir.path(), port, None, ""));
+    let proxy = Proxy::start(&config);
+    wait_port(port);
+    let acl = |rules: &[&str]| {
+        let out = Command::new("redis-cli")
+            .args(["-u", &redis.url(), "ACL", "SETUSER", "default"])
+            .args(rules)
+            .output()
+            .expect("redis-cli runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(text.trim(), "OK", "ACL SETUSER {rules:?}: {text}{}", String::from_utf8_lossy(&out.stderr));
+    };
+    let deliver = || {
+        let mut c = Raw::greeted(port);
+        assert!(c.cmd("EHLO client.test").starts_with("250"));
+        assert!(c.cmd("MAIL FROM:<a@client.test>").starts_with("250"));
+        assert!(c.cmd("RCPT TO:<support@example.com>").starts_with("250"));
+        assert!(c.cmd("RCPT TO:<sales@example.com>").starts_with("250"));
+        assert!(c.cmd("DATA").starts_with("354"));
+        c.send(b"From: a@client.test\r\nMessage-ID: <partial@client.test>\r\nSubject: s\r\n\r\nbody\r\n");
+        c.cmd(".")
+    };
+    // Every key may be read and written except sales's (`c:{sales}:...`), which are
+    // read-only (a script's keys need read and write from one pattern).
+    acl(&["resetkeys", "%R~*", "~[^c]*", "~c[^:]*", "~c:[^{]*", "~c:{[^s]*"]);
+    let r = deliver();
+    acl(&["resetkeys", "~*"]);
+    assert!(r.starts_with("451 4.3.0"), "sales's write failed: {r}; log:\n{}", proxy.log());
+    let r = deliver();
+    assert!(r.starts_with("250 2.0.0"), "retry: {r}; log:\n{}", proxy.log());
+
+    for agent in ["helpdesk", "sales"] {
+        let mut client = proxy.connect(agent).await;
+        let got = receive_n(&mut client, 1, Duration::from_secs(20)).await;
+        expect_no_more(&mut client, Duration::from_millis(500)).await;
+        assert_eq!(meta(&got[0], "message_id"), Some("<partial@client.test>"), "{agent}");
+    }
+    let log = without_colours(&proxy.log());
+    assert!(
+        log.lines()
+            .any(|l| l.contains("email stored") && l.contains("agent=\"helpdesk\"") && l.contains("duplicate=true")),
+        "helpdesk's retry was recognised as a duplicate:\n{log}"
+    );
 }

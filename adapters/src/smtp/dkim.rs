@@ -274,6 +274,12 @@ print("pass" if dkim.verify(msg, dnsfunc=dns) else "fail")
     #[test]
     fn dkimpy_verifies_signed_replies() {
         if !dkimpy() {
+            // dkimpy present but unusable (no PyNaCl) is a broken setup, not a reason to skip.
+            let importable = std::process::Command::new("python3")
+                .args(["-c", "import dkim"])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            assert!(!importable, "dkimpy is installed but `import nacl.signing` fails: pip install pynacl");
             eprintln!("SKIPPED: python3 with dkimpy and pynacl unavailable (scripts/test installs them)");
             return;
         }

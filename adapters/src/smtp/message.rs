@@ -14,7 +14,8 @@ use super::session::Envelope;
 pub struct TrustPolicy {
     /// Whether the connecting peer is a configured trusted relay.
     pub trusted_peer: bool,
-    /// When set, only headers with this authserv-id are passed through.
+    /// Only headers with this authserv-id are passed through; `None` passes none (a relay
+    /// that does not strip them would otherwise pass on headers the sender forged).
     pub authserv_id: Option<String>,
 }
 
@@ -101,7 +102,7 @@ pub fn events(envelope: &Envelope, peer: IpAddr, trust: &TrustPolicy) -> Vec<Eve
                 size: Some(part.contents().len() as u64),
             });
         }
-        if trust.trusted_peer {
+        if let (true, Some(want)) = (trust.trusted_peer, trust.authserv_id.as_deref()) {
             for (name, value) in m.headers_raw() {
                 if !name.eq_ignore_ascii_case("Authentication-Results") {
                     continue;
@@ -109,7 +110,7 @@ pub fn events(envelope: &Envelope, peer: IpAddr, trust: &TrustPolicy) -> Vec<Eve
                 let value = value.split_whitespace().collect::<Vec<_>>().join(" ");
                 let authserv = value.split(';').next().unwrap_or_default().trim();
                 let authserv = authserv.split_whitespace().next().unwrap_or_default();
-                if trust.authserv_id.as_deref().is_none_or(|id| id.eq_ignore_ascii_case(authserv)) {
+                if want.eq_ignore_ascii_case(authserv) {
                     common.push(("authentication_results".into(), value));
                 }
             }

@@ -44,7 +44,7 @@ pub struct ServerSettings {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Whether a peer is a trusted relay whose `Authentication-Results` are passed through.
     pub trusted_peer: Arc<dyn Fn(IpAddr) -> bool + Send + Sync>,
-    /// Only `Authentication-Results` with this authserv-id are passed through, when set.
+    /// Only `Authentication-Results` with this authserv-id are passed through; `None` = none.
     pub authserv_id: Option<String>,
 }
 
@@ -233,6 +233,12 @@ async fn handle(
             return;
         };
         let n = match read {
+            Err(_) if Instant::now() >= deadline => {
+                tracing::warn!(peer = %addr, in_data = session.in_data(), limit = ?settings.session_timeout, "SMTP session exceeded session_timeout; closing");
+                let bye = session.timeout();
+                let _ = run(&mut conn, &mut session, vec![bye, Output::Close], &settings, &sink, ip).await;
+                return;
+            }
             Err(_) => {
                 tracing::info!(peer = %addr, in_data = session.in_data(), "SMTP session timed out");
                 let bye = session.timeout();

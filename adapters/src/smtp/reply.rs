@@ -237,7 +237,7 @@ impl EmailSender {
             _ => None,
         };
         let classify = |e: lettre::transport::smtp::Error, phase: &str| {
-            if e.is_permanent() || e.is_tls() {
+            if e.is_permanent() || e.is_tls() || certificate_error(&e) {
                 Failure::Permanent(format!("relay {phase}: {e}"))
             } else {
                 Failure::Retry(format!("relay {phase}: {e}"))
@@ -291,6 +291,25 @@ impl EmailSender {
             Ok(Err(e)) => Err(Failure::Unknown(format!("relay connection failed during the transaction: {e}"))),
         }
     }
+}
+
+/// Whether `e` comes from the relay's certificate failing verification (lettre reports it as
+/// a connection error): a setup problem that retrying cannot fix.
+fn certificate_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let inner = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|i| i as &(dyn std::error::Error + 'static));
+        for candidate in [Some(err), inner].into_iter().flatten() {
+            if let Some(tls) = candidate.downcast_ref::<rustls::Error>() {
+                return matches!(tls, rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented);
+            }
+        }
+        next = err.source();
+    }
+    false
 }
 
 #[async_trait]

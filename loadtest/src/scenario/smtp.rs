@@ -4,13 +4,21 @@
 //! word that the message is durably stored — before the next. Measures messages/s and the
 //! per-message latency (MAIL FROM sent -> final 250).
 //!
+//! A full run (without `--quick`) measures the issue's whole matrix in one invocation: the
+//! `--sessions` count and ten times as many (10 and 100 by default), and with `--store redis`
+//! both `appendfsync` policies (`--appendfsync` first, then the other of `always`/`everysec`),
+//! switched with `CONFIG SET` on the run's own private `redis-server` (`appendonly yes`).
+//! `--quick` measures the single cell `--sessions` x `--appendfsync`. One cell keeps the plain
+//! figure names (`messages_per_s`, `vs_postfix`, ...); several suffix them with the cell
+//! (`messages_per_s_100s_everysec`) and print a table of rates and ratios.
+//!
 //! The peer, side by side in the same run: a private Postfix instance ([`super::peer::Postfix`],
-//! whose cleanup fsyncs each queue file before smtpd answers 250) under the same load, rounds
-//! interleaved (ours, Postfix, ours, ...) so both see the same machine. With `--store redis`
-//! the proxy uses a private `redis-server` with `appendonly yes` and `appendfsync always`
-//! (or `--appendfsync everysec`), so the ratio is at equal durability; with the embedded store
-//! SQLite commits with `synchronous=FULL`. No Postfix (or not root): only that comparison is
-//! skipped, loudly, with the install command.
+//! whose cleanup fsyncs each queue file before smtpd answers 250) under the same load, measured
+//! in every cell right after ours, round by round, so both see the same machine. Postfix's
+//! durability equals `appendfsync always` (and the embedded store's SQLite `synchronous=FULL`),
+//! so only those cells carry the issue's target (ratio >= 1); the `everysec` ratio is reported
+//! without one. No Postfix (or not root): only that comparison is skipped, loudly, with the
+//! install command.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -28,22 +36,25 @@ use super::{Context, Report, StoreChoice, Target, bounded, histogram, random_hex
 /// Parameters of the smtp scenario.
 #[derive(Clone, Debug)]
 pub struct Params {
-    /// Concurrent sessions.
+    /// Concurrent sessions (the matrix adds ten times as many).
     pub sessions: usize,
     /// Messages per measurement (spread over the sessions).
     pub messages: usize,
     /// Size of each message's body in bytes.
     pub bytes: usize,
-    /// Measurements of each server, interleaved.
+    /// Measurements of each server per cell, interleaved.
     pub rounds: usize,
-    /// `appendfsync` of the private Redis with `--store redis` (`always`, `everysec`).
+    /// `appendfsync` of the private Redis with `--store redis` (`always`, `everysec`, `no`);
+    /// the matrix adds the other of `always`/`everysec`.
     pub appendfsync: String,
     /// Also measure Postfix (when installed and root).
     pub peer: bool,
+    /// Measure the whole matrix (session counts x fsync policies), not one cell.
+    pub matrix: bool,
 }
 
 impl Params {
-    /// The script's sizes, or smoke sizes.
+    /// The full-size matrix, or one smoke-size cell.
     pub fn defaults(quick: bool) -> Self {
         Self {
             sessions: 10,
@@ -52,7 +63,50 @@ impl Params {
             rounds: 1,
             appendfsync: "always".into(),
             peer: true,
+            matrix: !quick,
         }
+    }
+
+    /// The cells to measure, in order: (sessions, `appendfsync` with Redis).
+    pub fn cells(&self, redis: bool) -> Vec<Cell> {
+        let sessions = self.sessions.max(1);
+        let counts = if self.matrix { vec![sessions, sessions * 10] } else { vec![sessions] };
+        let mut fsyncs = vec![Some(self.appendfsync.clone())];
+        if self.matrix {
+            for other in ["always", "everysec"] {
+                if self.appendfsync != other {
+                    fsyncs.push(Some(other.to_string()));
+                }
+            }
+        }
+        if !redis {
+            fsyncs = vec![None];
+        }
+        fsyncs.iter().flat_map(|f| counts.iter().map(|&s| Cell { sessions: s, appendfsync: f.clone() })).collect()
+    }
+}
+
+/// One measurement setting of the matrix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cell {
+    /// Concurrent sessions.
+    pub sessions: usize,
+    /// Redis `appendfsync`, or `None` for the embedded store.
+    pub appendfsync: Option<String>,
+}
+
+impl Cell {
+    /// Figure-name suffix: `_100s_everysec`, or `_100s` for the embedded store.
+    fn suffix(&self) -> String {
+        match &self.appendfsync {
+            Some(f) => format!("_{}s_{f}", self.sessions),
+            None => format!("_{}s", self.sessions),
+        }
+    }
+
+    /// Whether our durability equals Postfix's (fsync before 250), so the target applies.
+    fn equal_durability(&self) -> bool {
+        self.appendfsync.as_deref().is_none_or(|f| f == "always")
     }
 }
 
@@ -63,27 +117,40 @@ const RCPT: &str = "support@example.com";
 /// Runs the scenario.
 pub async fn run(ctx: &Context, p: &Params) -> anyhow::Result<Report> {
     let mut report = Report::new("smtp", ctx);
-    report.param("sessions", p.sessions as u64);
+    let redis_store = matches!(ctx.store, StoreChoice::Redis(_));
+    let cells = p.cells(redis_store);
+    let max_sessions = cells.iter().map(|c| c.sessions).max().unwrap_or(1);
+    let mut counts: Vec<String> = Vec::new();
+    for c in &cells {
+        if !counts.contains(&c.sessions.to_string()) {
+            counts.push(c.sessions.to_string());
+        }
+    }
+    let sessions: serde_json::Value =
+        if cells.len() > 1 { counts.join(",").into() } else { (p.sessions as u64).into() };
+    report.param("sessions", sessions);
     report.param("messages", p.messages as u64);
     report.param("bytes", p.bytes as u64);
     report.param("rounds", p.rounds as u64);
     let run_id = random_hex(10);
     let agent = format!("smtp-{run_id}");
 
-    // Redis: a private one with the AOF fsync policy the comparison needs.
-    let redis = match &ctx.store {
-        StoreChoice::Redis(_) => {
-            report.param("redis", format!("private, appendonly yes, appendfsync {}", p.appendfsync));
-            Some(PrivateRedis::start(Some(&p.appendfsync))?)
-        }
-        StoreChoice::Embedded => None,
+    // Redis: a private one with the AOF on; each cell sets its fsync policy with CONFIG SET.
+    let redis = if redis_store {
+        let first = cells.first().and_then(|c| c.appendfsync.clone()).unwrap_or_else(|| p.appendfsync.clone());
+        let mut fsyncs: Vec<&str> = cells.iter().filter_map(|c| c.appendfsync.as_deref()).collect();
+        fsyncs.dedup();
+        report.param("redis", format!("private, appendonly yes, appendfsync {}", fsyncs.join(" then ")));
+        Some(PrivateRedis::start(Some(&first))?)
+    } else {
+        None
     };
     let store = match &redis {
         Some(r) => StoreChoice::Redis(r.url()),
         None => StoreChoice::Embedded,
     };
     let port = free_port()?;
-    let cap = p.sessions + 100;
+    let cap = max_sessions + 100;
     let config = agent_config(&agent)
         + &format!(
             "[smtp]\nlisten = \"127.0.0.1:{port}\"\nhostname = \"mx.example.com\"\ndomains = [\"example.com\"]\n\
@@ -100,54 +167,32 @@ pub async fn run(ctx: &Context, p: &Params) -> anyhow::Result<Report> {
             report.param("peer", format!("postfix at {}", pf.addr));
         }
         let mut load = Load { run_id: run_id.clone(), batch: 0 };
-        // Warm-up of both, not counted.
-        let warm = Params { messages: (p.messages / 10).max(p.sessions), ..p.clone() };
-        load.measure(ours, &warm).await?;
-        if let Some(pf) = &postfix {
-            load.measure(pf.addr, &warm).await?;
+        let mut table = Vec::new();
+        for cell in &cells {
+            if let (Some(r), Some(f)) = (&redis, &cell.appendfsync) {
+                set_appendfsync(&r.url(), f).await?;
+            }
+            let cp = Params { sessions: cell.sessions, ..p.clone() };
+            let suffix = if cells.len() > 1 { cell.suffix() } else { String::new() };
+            let row =
+                measure_cell(&mut load, &mut proxy, ours, postfix.as_ref(), &cp, cell, &suffix, &mut report).await?;
+            table.push((cell.clone(), row));
         }
-        let (mut ours_h, mut peer_h) = (histogram(), histogram());
-        let (mut ours_rates, mut peer_rates) = (Vec::new(), Vec::new());
-        let (mut ours_errors, mut peer_errors) = (0, 0);
-        for round in 1..=p.rounds.max(1) {
-            eprintln!("smtp: round {round}: {} messages x {} bytes, {} sessions ...", p.messages, p.bytes, p.sessions);
-            let r = load.measure(ours, p).await?;
-            proxy.check_alive()?;
-            ours_h.add(&r.latencies).context("merging histograms")?;
-            ours_rates.push(r.rate());
-            ours_errors += r.failed;
-            if let Some(e) = r.first_error {
-                report.notes.push(format!("concierge, round {round}: {e}"));
+        if cells.len() > 1 {
+            let mut lines = vec![format!(
+                "{:>8}  {:>11}  {:>12}  {:>12}  {:>7}",
+                "sessions", "appendfsync", "ours msg/s", "postfix msg/s", "ratio"
+            )];
+            for (cell, (ours, peer)) in &table {
+                let peer_s = peer.map_or("-".to_string(), |r| format!("{r:.0}"));
+                let ratio = peer.filter(|r| *r > 0.0).map_or("-".to_string(), |r| format!("{:.2}", ours / r));
+                let fsync = cell.appendfsync.as_deref().unwrap_or("(embedded)");
+                lines.push(format!("{:>8}  {fsync:>11}  {ours:>12.0}  {peer_s:>12}  {ratio:>7}", cell.sessions));
             }
-            if let Some(pf) = &postfix {
-                let r = load.measure(pf.addr, p).await?;
-                peer_h.add(&r.latencies).context("merging histograms")?;
-                peer_rates.push(r.rate());
-                peer_errors += r.failed;
-                if let Some(e) = r.first_error {
-                    report.notes.push(format!("postfix, round {round}: {e}"));
-                }
-            }
+            eprintln!("\nsmtp matrix:\n{}\n", lines.join("\n"));
+            report.notes.extend(lines.iter().map(|l| format!("matrix: {l}")));
         }
-        let ours_rate = mean(&ours_rates);
-        report.figure("messages_per_s", ours_rate, "messages/s");
-        report.latency("message_latency", &ours_h, None);
-        report.figure("errors", ours_errors as f64, "count");
-        if postfix.is_some() {
-            let peer_rate = mean(&peer_rates);
-            report.figure("postfix_messages_per_s", peer_rate, "messages/s");
-            report.latency("postfix_message_latency", &peer_h, None);
-            report.figure("postfix_errors", peer_errors as f64, "count");
-            if peer_rate > 0.0 {
-                report.figure_target("vs_postfix", ours_rate / peer_rate, "ratio", Target::AtLeast(TARGET_VS_POSTFIX));
-            }
-            if p.rounds > 1 {
-                let rounds: Vec<String> =
-                    ours_rates.iter().zip(&peer_rates).map(|(o, f)| format!("{o:.0}/{f:.0}")).collect();
-                report.notes.push(format!("messages/s per round, ours/postfix: {}", rounds.join(" ")));
-            }
-        }
-        anyhow::ensure!(ours_rates.iter().all(|r| *r > 0.0), "no message was accepted");
+        anyhow::ensure!(table.iter().all(|(_, (r, _))| *r > 0.0), "no message was accepted in some cell");
         anyhow::Ok(())
     }
     .await;
@@ -156,6 +201,95 @@ pub async fn run(ctx: &Context, p: &Params) -> anyhow::Result<Report> {
     drop(redis);
     result?;
     Ok(report)
+}
+
+/// Sets the private Redis's `appendfsync` and reads it back.
+async fn set_appendfsync(url: &str, policy: &str) -> anyhow::Result<()> {
+    let client = redis::Client::open(url).context("redis url")?;
+    let mut conn = client.get_multiplexed_async_connection().await.context("connecting to the private redis")?;
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("appendfsync")
+        .arg(policy)
+        .query_async(&mut conn)
+        .await
+        .context("CONFIG SET appendfsync")?;
+    let got: Vec<String> = redis::cmd("CONFIG").arg("GET").arg("appendfsync").query_async(&mut conn).await?;
+    anyhow::ensure!(got.get(1).map(String::as_str) == Some(policy), "appendfsync is {got:?}, wanted {policy}");
+    Ok(())
+}
+
+/// Measures one cell, ours and (when running) Postfix's, interleaved per round; records the
+/// figures with `suffix` and returns (our rate, Postfix's rate).
+#[allow(clippy::too_many_arguments)]
+async fn measure_cell(
+    load: &mut Load,
+    proxy: &mut Proxy,
+    ours: SocketAddr,
+    postfix: Option<&Postfix>,
+    p: &Params,
+    cell: &Cell,
+    suffix: &str,
+    report: &mut Report,
+) -> anyhow::Result<(f64, Option<f64>)> {
+    let fsync = cell.appendfsync.as_deref().map(|f| format!(", appendfsync {f}")).unwrap_or_default();
+    // Warm-up of both, not counted.
+    let warm = Params { messages: (p.messages / 10).max(p.sessions), ..p.clone() };
+    load.measure(ours, &warm).await?;
+    if let Some(pf) = postfix {
+        load.measure(pf.addr, &warm).await?;
+    }
+    let (mut ours_h, mut peer_h) = (histogram(), histogram());
+    let (mut ours_rates, mut peer_rates) = (Vec::new(), Vec::new());
+    let (mut ours_errors, mut peer_errors) = (0, 0);
+    for round in 1..=p.rounds.max(1) {
+        eprintln!(
+            "smtp: {} sessions{fsync}, round {round}: {} messages x {} bytes ...",
+            p.sessions, p.messages, p.bytes
+        );
+        let r = load.measure(ours, p).await?;
+        proxy.check_alive()?;
+        ours_h.add(&r.latencies).context("merging histograms")?;
+        ours_rates.push(r.rate());
+        ours_errors += r.failed;
+        if let Some(e) = r.first_error {
+            report.notes.push(format!("concierge, {} sessions{fsync}, round {round}: {e}", p.sessions));
+        }
+        if let Some(pf) = postfix {
+            let r = load.measure(pf.addr, p).await?;
+            peer_h.add(&r.latencies).context("merging histograms")?;
+            peer_rates.push(r.rate());
+            peer_errors += r.failed;
+            if let Some(e) = r.first_error {
+                report.notes.push(format!("postfix, {} sessions, round {round}: {e}", p.sessions));
+            }
+        }
+    }
+    let ours_rate = mean(&ours_rates);
+    report.figure(&format!("messages_per_s{suffix}"), ours_rate, "messages/s");
+    report.latency(&format!("message_latency{suffix}"), &ours_h, None);
+    report.figure(&format!("errors{suffix}"), ours_errors as f64, "count");
+    anyhow::ensure!(ours_rates.iter().all(|r| *r > 0.0), "no message was accepted ({} sessions{fsync})", p.sessions);
+    if postfix.is_none() {
+        return Ok((ours_rate, None));
+    }
+    let peer_rate = mean(&peer_rates);
+    report.figure(&format!("postfix_messages_per_s{suffix}"), peer_rate, "messages/s");
+    report.latency(&format!("postfix_message_latency{suffix}"), &peer_h, None);
+    report.figure(&format!("postfix_errors{suffix}"), peer_errors as f64, "count");
+    if peer_rate > 0.0 {
+        let name = format!("vs_postfix{suffix}");
+        if cell.equal_durability() {
+            report.figure_target(&name, ours_rate / peer_rate, "ratio", Target::AtLeast(TARGET_VS_POSTFIX));
+        } else {
+            report.figure(&name, ours_rate / peer_rate, "ratio");
+        }
+    }
+    if p.rounds > 1 {
+        let rounds: Vec<String> = ours_rates.iter().zip(&peer_rates).map(|(o, f)| format!("{o:.0}/{f:.0}")).collect();
+        report.notes.push(format!("messages/s per round{suffix}, ours/postfix: {}", rounds.join(" ")));
+    }
+    Ok((ours_rate, Some(peer_rate)))
 }
 
 /// Starts the peer, or records loudly why it is skipped (not installed, not root) or failed.
@@ -288,4 +422,32 @@ pub async fn expect(r: &mut BufReader<TcpStream>, code: &str) -> anyhow::Result<
         }
     }
     anyhow::bail!("SMTP reply too long")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_run_covers_the_issue_matrix_and_quick_one_cell() {
+        let cell = |s: usize, f: Option<&str>| Cell { sessions: s, appendfsync: f.map(str::to_string) };
+        let full = Params::defaults(false);
+        assert_eq!(
+            full.cells(true),
+            [
+                cell(10, Some("always")),
+                cell(100, Some("always")),
+                cell(10, Some("everysec")),
+                cell(100, Some("everysec"))
+            ]
+        );
+        assert_eq!(full.cells(false), [cell(10, None), cell(100, None)]);
+        let everysec_first = Params { appendfsync: "everysec".into(), ..full };
+        assert_eq!(everysec_first.cells(true)[2], cell(10, Some("always")));
+        let quick = Params::defaults(true);
+        assert_eq!(quick.cells(true), [cell(10, Some("always"))]);
+        assert!(cell(100, Some("always")).equal_durability() && cell(10, None).equal_durability());
+        assert!(!cell(10, Some("everysec")).equal_durability());
+        assert_eq!(cell(100, Some("everysec")).suffix(), "_100s_everysec");
+    }
 }
