@@ -7,7 +7,6 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use concierge_proxy::otlp;
 
-
 /// Concierge: an always-on proxy that lets AI agents sleep without missing a message.
 #[derive(Parser)]
 #[command(version, about)]

@@ -170,7 +170,10 @@ async fn replay_spans_link_to_the_ingest_spans_of_their_events() {
         .iter()
         .map(|e| {
             let found = e.data.meta.iter().find(|(k, _)| k == "traceparent");
-            found.unwrap_or_else(|| panic!("event {} has no traceparent in meta: {:?}", e.offset, e.data.meta)).1.clone()
+            found
+                .unwrap_or_else(|| panic!("event {} has no traceparent in meta: {:?}", e.offset, e.data.meta))
+                .1
+                .clone()
         })
         .collect();
 
@@ -186,7 +189,8 @@ async fn replay_spans_link_to_the_ingest_spans_of_their_events() {
     })
     .await;
     let Some(mut expected): Option<Vec<String>> = linked else {
-        let names: Vec<String> = collector.spans().iter().map(|s| format!("{} ({} links)", s.name, s.links.len())).collect();
+        let names: Vec<String> =
+            collector.spans().iter().map(|s| format!("{} ({} links)", s.name, s.links.len())).collect();
         panic!("no replay span linked to all 3 ingest spans within 10s; exported: {names:?}; log:\n{}", proxy.log());
     };
     let mut got = traceparents;
