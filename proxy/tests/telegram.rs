@@ -6,15 +6,14 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use concierge_adapters::{ConnectionReporter, EventSink, Ingested, SinkError, telegram};
+use concierge_adapters::{ConnectionReporter, telegram};
 use concierge_loadtest::telegram::{FakeTelegram, Limits, Options};
 use concierge_protocol::{ChannelRef, EventData, SendRequest, SendResult};
-use concierge_store::{Appended, SqliteStore, Store, StoreOptions};
 use serde_json::{Value, json};
 
 const BOT_TOKEN: &str = "123456:TEST-token_abc";
@@ -476,46 +475,6 @@ async fn webhook_store_outage_gets_503_then_the_redelivery_is_stored_once() {
     let kinds: Vec<&str> = events.iter().map(|e| meta(e, "kind").unwrap_or_default()).collect();
     assert_eq!(kinds, ["message", "message", "message", "message", "message", "malformed", "malformed"]);
     assert_eq!(events[5]["dedupe_key"], format!("tg:123456:{bad}"));
-}
-
-/// A fault injector in front of a real SQLite store: while `failing`, every write after the
-/// first `ok_writes` fails as if the store had gone away.
-struct FailingStore {
-    store: SqliteStore,
-    ok_writes: usize,
-    writes: AtomicUsize,
-    duplicates: AtomicUsize,
-    failing: AtomicBool,
-}
-
-impl FailingStore {
-    fn open(dir: &std::path::Path, ok_writes: usize) -> Arc<FailingStore> {
-        let store = SqliteStore::open(&dir.join("store.db"), StoreOptions::default()).unwrap();
-        let (writes, duplicates, failing) = (AtomicUsize::new(0), AtomicUsize::new(0), AtomicBool::new(true));
-        Arc::new(FailingStore { store, ok_writes, writes, duplicates, failing })
-    }
-
-    async fn stored(&self, agent: &str) -> Vec<EventData> {
-        self.store.read(agent, 0, 1000).await.unwrap().into_iter().map(|e| e.data).collect()
-    }
-}
-
-#[async_trait::async_trait]
-impl EventSink for FailingStore {
-    async fn ingest(&self, event: EventData) -> Result<Ingested, SinkError> {
-        if self.failing.load(Ordering::SeqCst) && self.writes.load(Ordering::SeqCst) >= self.ok_writes {
-            return Err(SinkError::Unavailable(format!("injected: the store fails after {} writes", self.ok_writes)));
-        }
-        let appended = self.store.append(&event).await.map_err(|e| SinkError::Unavailable(e.to_string()))?;
-        self.writes.fetch_add(1, Ordering::SeqCst);
-        match appended {
-            Appended::Stored(offset) => Ok(Ingested { offset, duplicate: false }),
-            Appended::Duplicate(offset) => {
-                self.duplicates.fetch_add(1, Ordering::SeqCst);
-                Ok(Ingested { offset, duplicate: true })
-            }
-        }
-    }
 }
 
 /// Records a poller's state changes.

@@ -4,15 +4,14 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
-use concierge_adapters::{EventSink, Ingested, SinkError, whatsapp};
+use concierge_adapters::whatsapp;
 use concierge_loadtest::whatsapp::{FakeWhatsApp, notification, status, text_message};
-use concierge_protocol::{ChannelRef, EventData, SendRequest, SendResult};
-use concierge_store::{Appended, SqliteStore, Store, StoreOptions};
+use concierge_protocol::{ChannelRef, SendRequest, SendResult};
+use concierge_store::Store;
 use serde_json::Value;
 
 const APP_SECRET: &str = "app-secret-0123";
@@ -199,42 +198,13 @@ async fn sends_through_the_graph_api() {
     assert_eq!(fake.sends().len(), 2);
 }
 
-/// A fault injector in front of a real SQLite store: while `failing`, every write after the
-/// first `ok_writes` fails as if the store had gone away.
-struct FailingStore {
-    store: SqliteStore,
-    ok_writes: usize,
-    writes: AtomicUsize,
-    failing: AtomicBool,
-}
-
-#[async_trait::async_trait]
-impl EventSink for FailingStore {
-    async fn ingest(&self, event: EventData) -> Result<Ingested, SinkError> {
-        if self.failing.load(Ordering::SeqCst) && self.writes.load(Ordering::SeqCst) >= self.ok_writes {
-            return Err(SinkError::Unavailable(format!("injected: the store fails after {} writes", self.ok_writes)));
-        }
-        let appended = self.store.append(&event).await.map_err(|e| SinkError::Unavailable(e.to_string()))?;
-        self.writes.fetch_add(1, Ordering::SeqCst);
-        Ok(match appended {
-            Appended::Stored(offset) => Ingested { offset, duplicate: false },
-            Appended::Duplicate(offset) => Ingested { offset, duplicate: true },
-        })
-    }
-}
-
 /// Promise 1 with the store failing exactly mid-batch: a notification of 5 messages whose 3rd
 /// write fails gets 503 with the first 2 stored; Meta's redelivery of the same bytes, once the
 /// store works, stores the other 3 and finds the first 2 duplicates.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_store_failing_mid_batch_gets_503_and_the_redelivery_stores_the_rest_once() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(FailingStore {
-        store: SqliteStore::open(&dir.path().join("store.db"), StoreOptions::default()).unwrap(),
-        ok_writes: 2,
-        writes: AtomicUsize::new(0),
-        failing: AtomicBool::new(true),
-    });
+    let store = FailingStore::open(dir.path(), 2);
     let number = whatsapp::Number {
         name: "wa".into(),
         agent: "a".into(),

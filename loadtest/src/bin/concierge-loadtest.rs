@@ -151,7 +151,7 @@ enum Scenario {
     /// SMTP sessions delivering messages (250 after the final dot = stored): messages/s and
     /// latency, with a private Postfix measured side by side when installed (root).
     Smtp {
-        /// Concurrent sessions.
+        /// Concurrent sessions; a full run (no --quick) also measures 10x this many.
         #[arg(long, default_value_t = 10)]
         sessions: usize,
         /// Messages per measurement (default 4000; 200 with --quick).

@@ -5,11 +5,15 @@ use std::io::{BufRead, BufReader};
 use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use concierge_adapters::{EventSink, Ingested, SinkError};
+use concierge_protocol::EventData;
 use concierge_protocol::client::{AgentClient, ClientOptions};
 use concierge_protocol::tls::Trust;
+use concierge_store::{Appended, SqliteStore, Store, StoreOptions};
 use serde_json::Value;
 
 pub const TOKEN: &str = "test-token-0123456789";
@@ -444,5 +448,45 @@ async fn receive(client: &mut AgentClient, n: usize, within: Duration, ack: bool
 pub async fn expect_no_more(client: &mut AgentClient, quiet: Duration) {
     if let Ok(Ok(Some(e))) = tokio::time::timeout(quiet, client.next()).await {
         panic!("unexpected extra event at offset {}: {:?}", e.offset, String::from_utf8_lossy(&e.data.raw));
+    }
+}
+
+/// A fault injector in front of a real SQLite store: while `failing`, every write after the
+/// first `ok_writes` fails as if the store had gone away.
+pub struct FailingStore {
+    pub store: SqliteStore,
+    pub ok_writes: usize,
+    pub writes: AtomicUsize,
+    pub duplicates: AtomicUsize,
+    pub failing: AtomicBool,
+}
+
+impl FailingStore {
+    pub fn open(dir: &std::path::Path, ok_writes: usize) -> Arc<FailingStore> {
+        let store = SqliteStore::open(&dir.join("store.db"), StoreOptions::default()).unwrap();
+        let (writes, duplicates, failing) = (AtomicUsize::new(0), AtomicUsize::new(0), AtomicBool::new(true));
+        Arc::new(FailingStore { store, ok_writes, writes, duplicates, failing })
+    }
+
+    pub async fn stored(&self, agent: &str) -> Vec<EventData> {
+        self.store.read(agent, 0, 1000).await.unwrap().into_iter().map(|e| e.data).collect()
+    }
+}
+
+#[async_trait::async_trait]
+impl EventSink for FailingStore {
+    async fn ingest(&self, event: EventData) -> Result<Ingested, SinkError> {
+        if self.failing.load(Ordering::SeqCst) && self.writes.load(Ordering::SeqCst) >= self.ok_writes {
+            return Err(SinkError::Unavailable(format!("injected: the store fails after {} writes", self.ok_writes)));
+        }
+        let appended = self.store.append(&event).await.map_err(|e| SinkError::Unavailable(e.to_string()))?;
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        match appended {
+            Appended::Stored(offset) => Ok(Ingested { offset, duplicate: false }),
+            Appended::Duplicate(offset) => {
+                self.duplicates.fetch_add(1, Ordering::SeqCst);
+                Ok(Ingested { offset, duplicate: true })
+            }
+        }
     }
 }
