@@ -116,19 +116,7 @@ async fn raw_session(
     proxy: &Proxy,
     window: u32,
 ) -> (quinn::Endpoint, quinn::Connection, quinn::SendStream, concierge_protocol::io::FrameReader) {
-    use concierge_protocol::tls::{Trust, client_config};
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(client_config(Trust::Pinned(proxy.cert_sha256.clone())).unwrap());
-    let conn = endpoint.connect(proxy.quic.parse().unwrap(), "localhost").unwrap().await.unwrap();
-    let (mut send, recv) = conn.open_bi().await.unwrap();
-    let hello = concierge_protocol::ToProxy::Hello {
-        version: 1,
-        agent: "a".into(),
-        token: TOKEN.into(),
-        client: "raw".into(),
-        window,
-    };
-    concierge_protocol::io::write_frame(&mut send, &hello).await.unwrap();
+    let (endpoint, conn, send, recv) = raw_hello(proxy, window).await;
     let mut reader = concierge_protocol::io::FrameReader::new(recv, 1 << 20);
     let welcome = reader.next::<concierge_protocol::ToAgent>().await.unwrap().unwrap();
     assert!(matches!(welcome, concierge_protocol::ToAgent::Welcome { .. }), "{welcome:?}");

@@ -305,24 +305,6 @@ async fn connected_agent_resumes_promptly_after_a_redis_outage() {
     expect_no_more(&mut agent, Duration::from_secs(1)).await;
 }
 
-/// A raw agent session (the SDK hides the close reason): Hello, then nothing is read.
-async fn raw_agent(proxy: &Proxy) -> (quinn::Endpoint, quinn::Connection, quinn::SendStream, quinn::RecvStream) {
-    use concierge_protocol::tls::{Trust, client_config};
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(client_config(Trust::Pinned(proxy.cert_sha256.clone())).unwrap());
-    let conn = endpoint.connect(proxy.quic.parse().unwrap(), "localhost").unwrap().await.unwrap();
-    let (mut send, recv) = conn.open_bi().await.unwrap();
-    let hello = concierge_protocol::ToProxy::Hello {
-        version: 1,
-        agent: "a".into(),
-        token: TOKEN.into(),
-        client: "raw".into(),
-        window: 16,
-    };
-    concierge_protocol::io::write_frame(&mut send, &hello).await.unwrap();
-    (endpoint, conn, send, recv)
-}
-
 /// A chunked HTTP/1.1 body in one write: `(hex length)\r\n(data)\r\n`.
 fn chunk(data: &str) -> String {
     format!("{:x}\r\n{data}\r\n", data.len())
@@ -372,7 +354,7 @@ async fn shutdown_fails_readiness_first_then_finishes_in_flight_webhooks() {
     let http = http_client();
     let r = proxy.post_with(&http, "a", "in", body_of(1), &[("Idempotency-Key", "k1")]).await;
     assert_eq!(r.status, 202, "{r:?}");
-    let (_endpoint, conn, _send, _recv) = raw_agent(&proxy).await;
+    let (_endpoint, conn, _send, _recv) = raw_hello(&proxy, 16).await;
     let connected =
         eventually(Duration::from_secs(10), || async { (proxy.agent("a").await["connected"] == true).then_some(()) })
             .await;

@@ -490,3 +490,25 @@ impl EventSink for FailingStore {
         }
     }
 }
+
+/// A raw agent session of agent `a` that has sent Hello and read nothing yet: for the cases
+/// the SDK hides (close reasons, acks it would never send).
+pub async fn raw_hello(
+    proxy: &Proxy,
+    window: u32,
+) -> (quinn::Endpoint, quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+    use concierge_protocol::tls::client_config;
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(client_config(Trust::Pinned(proxy.cert_sha256.clone())).unwrap());
+    let conn = endpoint.connect(proxy.quic.parse().unwrap(), "localhost").unwrap().await.unwrap();
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    let hello = concierge_protocol::ToProxy::Hello {
+        version: 1,
+        agent: "a".into(),
+        token: TOKEN.into(),
+        client: "raw".into(),
+        window,
+    };
+    concierge_protocol::io::write_frame(&mut send, &hello).await.unwrap();
+    (endpoint, conn, send, recv)
+}
