@@ -692,6 +692,12 @@ async fn selected_and_filtered_events_are_dropped_and_never_delivered() {
         async move { http_client().get(url).send().await.unwrap().json::<Value>().await.unwrap() }
     };
     assert_eq!(detail(&proxy).await["pending"], 6);
+    // Bounded: one request names at most 10,000 offsets, and a larger one drops nothing.
+    let too_many: Vec<u64> = (1..=10_001).collect();
+    let url = format!("http://{}/api/agents/d/drop", proxy.admin);
+    let r = http_client().post(url).json(&json!({ "offsets": too_many })).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert_eq!(detail(&proxy).await["pending"], 6);
     assert_eq!(drop(json!({ "filter": { "channel": "yhook" } })).await["dropped"], 2);
     assert_eq!(drop(json!({ "offsets": [2, 99] })).await["dropped"], 1, "unknown offsets are ignored");
     assert_eq!(detail(&proxy).await["pending"], 3, "stats shrink");
