@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch};
 use crate::event::Event;
 use crate::frame::{DEFAULT_MAX_FRAME, RejectCode, SendRequest, SendResult, ToAgent, ToProxy};
 use crate::io::{FrameReader, IoError, write_frame};
-use crate::tls::{Trust, client_config};
+use crate::tls::{Trust, client_config, udp_socket};
 
 /// How to reach and authenticate to the proxy.
 #[derive(Clone)]
@@ -310,8 +310,11 @@ fn endpoint(opts: &ClientOptions) -> Result<quinn::Endpoint, ClientError> {
     let bind: SocketAddr = if resolve(&opts.addr)?.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
         .parse()
         .map_err(|_| ClientError::Config("bind address".into()))?;
-    let mut endpoint =
-        quinn::Endpoint::client(bind).map_err(|e| ClientError::Connection(format!("cannot open UDP socket: {e}")))?;
+    let socket = udp_socket(bind).map_err(|e| ClientError::Connection(format!("cannot open UDP socket: {e}")))?;
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| ClientError::Config("the agent SDK needs a Tokio runtime".into()))?;
+    let mut endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+        .map_err(|e| ClientError::Connection(format!("cannot open the QUIC endpoint: {e}")))?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
 }

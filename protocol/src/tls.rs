@@ -16,6 +16,27 @@ use crate::frame::ALPN;
 /// quinn preallocates state per permitted stream, so this stays small.
 pub const MAX_AGENT_STREAMS: u32 = 16;
 
+/// Socket buffer size asked for every QUIC socket: a replay burst overflows the kernel's
+/// default (~208 KiB) on the receiving side, and each dropped datagram halves the sender's
+/// congestion window.
+pub const UDP_BUFFER: usize = 4 * 1024 * 1024;
+
+/// A bound UDP socket with enlarged buffers, for either end; quinn leaves the kernel defaults,
+/// and the kernel caps what we ask at `net.core.rmem_max` / `wmem_max`, so the result is logged.
+pub fn udp_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    let _ = socket.set_recv_buffer_size(UDP_BUFFER);
+    let _ = socket.set_send_buffer_size(UDP_BUFFER);
+    tracing::debug!(
+        recv = socket.recv_buffer_size().unwrap_or(0),
+        send = socket.send_buffer_size().unwrap_or(0),
+        "QUIC socket buffers"
+    );
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 /// How an agent decides to trust the proxy's certificate.
 #[derive(Clone, Debug)]
 pub enum Trust {

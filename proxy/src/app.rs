@@ -166,7 +166,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
     let fingerprint = identity.fingerprint.clone();
     let server_config = concierge_protocol::tls::server_config(identity.chain, identity.key)?;
-    let socket = quic_socket(config.server.quic_listen)
+    let socket = concierge_protocol::tls::udp_socket(config.server.quic_listen)
         .with_context(|| format!("binding QUIC on {}", config.server.quic_listen))?;
     let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
     let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server_config), socket, runtime)
@@ -270,25 +270,6 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         ingress: tasks,
         admin: admin_tasks,
     })
-}
-
-/// Socket buffer size asked for the QUIC socket: replay bursts overflow the kernel default.
-const UDP_BUFFER: usize = 4 * 1024 * 1024;
-
-/// A UDP socket with enlarged buffers; quinn leaves the kernel defaults, and the kernel caps
-/// what we ask at `net.core.rmem_max` / `wmem_max`, so the result is logged.
-fn quic_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    let _ = socket.set_recv_buffer_size(UDP_BUFFER);
-    let _ = socket.set_send_buffer_size(UDP_BUFFER);
-    tracing::debug!(
-        recv = socket.recv_buffer_size().unwrap_or(0),
-        send = socket.send_buffer_size().unwrap_or(0),
-        "QUIC socket buffers"
-    );
-    socket.bind(&addr.into())?;
-    Ok(socket.into())
 }
 
 fn serve_http(

@@ -10,7 +10,6 @@ use concierge_protocol::io::{FrameReader, IoError, write_encoded, write_frame};
 use concierge_protocol::{EventRecord, RejectCode, SendResult, ToAgent, ToProxy};
 use tokio::sync::watch;
 use tracing::Instrument as _;
-use tracing::field::Empty;
 
 use crate::app::App;
 use crate::fleet::{AgentRuntime, SessionControl};
@@ -21,6 +20,7 @@ const MAX_BATCH: usize = 512;
 /// The agent must say Hello this quickly after opening the connection.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+static D: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
 /// Accepts connections until shutdown.
@@ -188,56 +188,65 @@ async fn stream_events(
     let mut head = agent.watch_head();
     let mut paused = agent.watch_paused();
     let mut draining = false;
-    let mut prefetched: Option<Vec<EventRecord>> = None;
+    let mut ahead = ReadAhead::new(cursor);
     let persist = persist_acks(app, agent, acks_rx);
     tokio::pin!(persist);
     loop {
-        // Fill the window from the log (nothing while an operator paused delivery).
-        while !draining && !*paused.borrow_and_update() && sent < *head.borrow_and_update() && sent - acked < window {
-            let head_seen = *head.borrow();
+        let delivering = !draining && !*paused.borrow_and_update();
+        // Keep one store read in flight whatever the window, so the next events are in hand
+        // when the agent's ack opens it (reading only then put a store round trip per ack
+        // on the replay's critical path).
+        if delivering {
+            ahead.start_reads(app, agent.id(), *head.borrow_and_update());
+        }
+        // Deliver what is in hand, within the window.
+        while delivering && sent - acked < window && !ahead.ready.is_empty() {
             let room = (window - (sent - acked)).min(MAX_BATCH as u64) as usize;
+            let events = ahead.take(room, app.max_frame / 2);
+            let Some(last) = events.last().map(|e| e.offset) else { break };
             // Replay span: its agent + offset range links it to the ingest spans of those offsets.
-            let span = tracing::debug_span!("replay", agent = agent.id(), session, from = sent + 1, to = Empty);
-            let events = match prefetched.take() {
-                Some(batch) => batch,
-                None => read_batch(app, agent.id(), sent, room).instrument(span.clone()).await?,
-            };
-            let Some(last) = events.last().map(|e| e.offset) else {
-                // Everything after `sent` was dropped by an operator: nothing to deliver
-                // until the head moves (the agent's next ack moves the cursor over them).
-                sent = sent.max(head_seen);
-                break;
-            };
-            span.record("to", last);
+            let span = tracing::debug_span!("replay", agent = agent.id(), session, from = sent + 1, to = last);
             if crate::otlp::exporting() {
                 link_to_ingest(&span, &events);
             }
             let timings: Vec<(u64, u64)> = events.iter().map(|e| (e.offset, e.received_at_ms)).collect();
-            let next_room = (window.saturating_sub(last - acked)).min(MAX_BATCH as u64) as usize;
             // Presized: records plus their per-event framing (offset, time, length varints).
             let size = events.iter().map(|e| e.record.len() + 24).sum::<usize>() + 16;
             let frame = encode_into(&ToAgent::Deliver { events }, Vec::with_capacity(size));
-            if last < agent.head() && next_room > 0 {
-                let (written, next) = tokio::join!(
-                    write_encoded(send, frame).instrument(span.clone()),
-                    read_batch(app, agent.id(), last, next_room)
-                );
-                written?;
-                prefetched = Some(next?).filter(|b| !b.is_empty());
-            } else {
-                write_encoded(send, frame).instrument(span).await?;
-            }
+            ahead.start_reads(app, agent.id(), *head.borrow());
+            let t1 = std::time::Instant::now();
+            write_encoded(send, frame).instrument(span).await?;
+            D[0].fetch_add(t1.elapsed().as_micros() as u64, Ordering::Relaxed);
+            D[5].fetch_add(1, Ordering::Relaxed);
             sent = last;
             app.metrics.delivered(&timings, agent.note_delivered(session, &timings));
             agent.input(Input::Delivered { events: timings.len() as u64, at: std::time::Instant::now() });
         }
+        let t2 = std::time::Instant::now();
+        if sent == *head.borrow() && acked == sent {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new().append(true).create(true).open("/tmp/diag/session.log").unwrap();
+            let _ = writeln!(
+                f,
+                "DIAG write={} readwait={} ackwait={} otherwait={} reads={} writes={} readwait_with_room={} ready_empty_at_ack={}",
+                D[0].load(Ordering::Relaxed),
+                D[1].load(Ordering::Relaxed),
+                D[2].load(Ordering::Relaxed),
+                D[3].load(Ordering::Relaxed),
+                D[4].load(Ordering::Relaxed),
+                D[5].load(Ordering::Relaxed),
+                D[6].load(Ordering::Relaxed),
+                D[7].load(Ordering::Relaxed)
+            );
+        }
+        let full = sent - acked >= window;
         tokio::select! {
+            read = ahead.finished(), if ahead.reading() => { let w = t2.elapsed().as_micros() as u64; D[1].fetch_add(w, Ordering::Relaxed); D[4].fetch_add(1, Ordering::Relaxed); if !full { D[6].fetch_add(w, Ordering::Relaxed); } ahead.arrived(read?, sent) },
             frame = reader.next::<ToProxy>() => match frame? {
-                Some(ToProxy::Credit { window: w }) => {
-                    window = u64::from(w).clamp(1, cap);
-                    prefetched = None; // sized for the old window
-                }
+                Some(ToProxy::Credit { window: w }) => window = u64::from(w).clamp(1, cap),
                 Some(ToProxy::Ack { up_to }) => {
+                    if ahead.ready.is_empty() { D[7].fetch_add(1, Ordering::Relaxed); }
+                    D[2].fetch_add(t2.elapsed().as_micros() as u64, Ordering::Relaxed);
                     // An agent may ack beyond this session's deliveries: after a reconnect the
                     // SDK re-sends an ack whose first copy was lost with the old connection.
                     // Beyond the stored head, though, it acks events that do not exist.
@@ -250,7 +259,7 @@ async fn stream_events(
                         acks.send_replace(up_to);
                         if acked > sent {
                             sent = acked;
-                            prefetched = None; // starts at or before what is now acked
+                            ahead.skip_to(acked);
                         }
                     }
                 }
@@ -270,6 +279,135 @@ async fn stream_events(
                 }
             }
         }
+    }
+}
+
+/// Events per store read. Reads are pipelined, so a read's cost (Redis building the reply,
+/// the client parsing it) overlaps the next one's.
+const READ_CHUNK: usize = 256;
+/// Reads in flight at once, and events held (in hand plus in flight): bounds a session's memory.
+const READS_IN_FLIGHT: usize = 2;
+const MAX_AHEAD: usize = 4 * READ_CHUNK;
+
+/// Events read from the store ahead of delivery, whatever the agent's window, so the next
+/// events are in hand when its ack opens the window (reading only then put a store round trip
+/// per ack on the replay's critical path). Reads run on their own tasks, so they overlap the
+/// write to the agent and each other.
+///
+/// A read after another one starts where the first will end if it comes back full (offsets are
+/// dense but for operator drops). When a read comes back short (end of the log, drops, or the
+/// byte budget) the reads behind it may have started past a gap, so they are discarded.
+struct ReadAhead {
+    /// Read, not yet delivered, in offset order.
+    ready: std::collections::VecDeque<EventRecord>,
+    /// Everything up to here was read (or found absent: dropped by an operator).
+    read_to: u64,
+    /// Reads in flight, oldest first.
+    reading: std::collections::VecDeque<Read>,
+}
+
+/// One store read in flight: events after `after`, at most `asked`, started when the log's
+/// head was `head`.
+struct Read {
+    task: tokio::task::JoinHandle<Result<Vec<EventRecord>, SessionError>>,
+    after: u64,
+    asked: usize,
+    head: u64,
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        self.discard_reads();
+    }
+}
+
+impl ReadAhead {
+    fn new(cursor: u64) -> Self {
+        Self { ready: Default::default(), read_to: cursor, reading: Default::default() }
+    }
+
+    fn reading(&self) -> bool {
+        !self.reading.is_empty()
+    }
+
+    /// Starts reads while there is room ahead and the log holds events not yet asked for.
+    fn start_reads(&mut self, app: &App, agent: &str, head: u64) {
+        while self.reading.len() < READS_IN_FLIGHT {
+            let asked: usize = self.reading.iter().map(|r| r.asked).sum();
+            if self.ready.len() + asked + READ_CHUNK > MAX_AHEAD {
+                return;
+            }
+            let after = match self.reading.back() {
+                // Only behind a read expected to come back full.
+                Some(previous) if previous.after + previous.asked as u64 <= previous.head => {
+                    previous.after + previous.asked as u64
+                }
+                Some(_) => return,
+                None => self.read_to,
+            };
+            if after >= head {
+                return;
+            }
+            let (store, id, budget) = (app.store.clone(), agent.to_string(), app.max_frame / 2);
+            let task = tokio::spawn(async move { read_batch(&*store, &id, after, READ_CHUNK, budget).await });
+            self.reading.push_back(Read { task, after, asked: READ_CHUNK, head });
+        }
+    }
+
+    /// Waits for the oldest read in flight (only polled while [`ReadAhead::reading`]).
+    async fn finished(&mut self) -> Result<(Vec<EventRecord>, Read), SessionError> {
+        let Some(read) = self.reading.front_mut() else { return std::future::pending().await };
+        let result = (&mut read.task).await;
+        let read = self.reading.pop_front().expect("the front read was just awaited");
+        let events = result.map_err(|e| SessionError::Io(format!("store read task failed: {e}")))??;
+        Ok((events, read))
+    }
+
+    /// Takes in what a read returned, skipping anything already delivered or in hand.
+    fn arrived(&mut self, (events, read): (Vec<EventRecord>, Read), sent: u64) {
+        if events.len() < read.asked {
+            self.discard_reads();
+        }
+        match events.last() {
+            Some(last) => self.read_to = self.read_to.max(last.offset),
+            // Everything after `after` up to that head was dropped by an operator: nothing to
+            // deliver until the head moves (the agent's next ack moves the cursor over them).
+            None => self.read_to = self.read_to.max(read.head),
+        }
+        let floor = self.ready.back().map_or(sent, |e| e.offset.max(sent));
+        self.ready.extend(events.into_iter().filter(|e| e.offset > floor));
+    }
+
+    fn discard_reads(&mut self) {
+        for read in self.reading.drain(..) {
+            read.task.abort();
+        }
+    }
+
+    /// The agent acked beyond what was delivered (a re-sent ack after a reconnect).
+    fn skip_to(&mut self, acked: u64) {
+        while self.ready.front().is_some_and(|e| e.offset <= acked) {
+            self.ready.pop_front();
+        }
+        self.read_to = self.read_to.max(acked);
+    }
+
+    /// Up to `room` events from the front, at most `budget` bytes (but at least one), so the
+    /// frame stays under the ceiling.
+    fn take(&mut self, room: usize, budget: usize) -> Vec<EventRecord> {
+        let mut bytes = 0;
+        let count = self
+            .ready
+            .iter()
+            .take(room)
+            .position(|e| {
+                bytes += e.record.len() + 32;
+                bytes > budget
+            })
+            .unwrap_or(room.min(self.ready.len()))
+            .max(1)
+            .min(self.ready.len());
+        self.ready.drain(..count).collect()
     }
 }
 
@@ -294,10 +432,16 @@ fn link_to_ingest(span: &tracing::Span, events: &[EventRecord]) {
     crate::otlp::link_to_ingest(span, traceparents);
 }
 
-/// Reads up to `room` events after `after`, capped so the frame stays under the ceiling.
-async fn read_batch(app: &App, agent: &str, after: u64, room: usize) -> Result<Vec<EventRecord>, SessionError> {
-    let mut events = app.store.read_records(agent, after, room).await?;
-    let budget = app.max_frame / 2;
+/// Reads up to `room` events after `after`, capped at `budget` bytes so a frame stays under
+/// the ceiling.
+async fn read_batch(
+    store: &dyn concierge_store::Store,
+    agent: &str,
+    after: u64,
+    room: usize,
+    budget: usize,
+) -> Result<Vec<EventRecord>, SessionError> {
+    let mut events = store.read_records(agent, after, room).await?;
     let mut bytes = 0;
     let keep = events
         .iter()

@@ -2,8 +2,12 @@
 //!
 //! Per agent (every key carries the hash tag `{agent}`, so one agent's keys share a Cluster
 //! slot and a script may touch them together):
-//! - `c:{agent}:evt`: a stream; entry id `0-<offset>`, fields `record`, `received_ms`, `size`,
-//!   `cb` (bytes appended before this entry).
+//! - `c:{agent}:evt`: a stream; entry id `0-<offset>`, one field `e` whose value is
+//!   `<received_ms> <size> <cb>\n<record>` (`cb`: bytes appended before this entry). One field
+//!   rather than four: replay is bound by parsing XRANGE replies, and the `redis` crate's parser
+//!   costs about 0.3 µs per RESP value (measured: 3.7 µs per 1 KiB event with four fields,
+//!   2.3 µs with one). Entries written with the four fields `record`, `received_ms`, `size`,
+//!   `cb` are still read.
 //! - `c:{agent}:meta`: a hash: `epoch`, `head`, `cursor`, `bytes` (size of pending events),
 //!   `appended` (bytes ever appended).
 //! - `c:{agent}:drop`: a sorted set of events an operator dropped while pending (member
@@ -60,6 +64,15 @@ local function field(fields, name)
   return nil
 end
 local function offset_of(entry) return tonumber(string.match(entry[1], '%-(%d+)$')) end
+-- received_ms, size and cb of an entry's fields, in either layout (see the module docs).
+local function meta_of(fields)
+  if fields[1] == 'e' then
+    local ms, size, cb = string.match(fields[2], '^(%d+) (%d+) (%d+)\n')
+    return tonumber(ms) or 0, tonumber(size) or 0, tonumber(cb) or 0
+  end
+  return tonumber(field(fields, 'received_ms') or '0'), tonumber(field(fields, 'size') or '0'),
+    tonumber(field(fields, 'cb') or '0')
+end
 -- Creates the meta hash with a new epoch on first use, or after Redis lost it. If the
 -- stream survived (eviction), offsets continue after its last entry and every surviving
 -- entry counts as pending again (at-least-once), so nothing is skipped or overwritten; the
@@ -71,7 +84,7 @@ local function ensure_meta()
   local entries = redis.call('XRANGE', KEYS[2], '-', '+')
   for i, entry in ipairs(entries) do
     local offset = offset_of(entry)
-    local cb = tonumber(field(entry[2], 'cb') or '0')
+    local _, size, cb = meta_of(entry[2])
     if i == 1 then cursor = offset - 1 end
     if i > 1 then
       for gap = head + 1, offset - 1 do
@@ -81,7 +94,6 @@ local function ensure_meta()
       end
     end
     head = offset
-    local size = tonumber(field(entry[2], 'size') or '0')
     bytes = bytes + size
     appended = cb + size
   end
@@ -101,7 +113,8 @@ local function bytes_after(offset)
   local nxt = redis.call('XRANGE', KEYS[2], id(offset + 1), '+', 'COUNT', 1)
   if #nxt == 0 then return 0 end
   local appended = tonumber(redis.call('HGET', KEYS[1], 'appended') or '0')
-  return appended - tonumber(field(nxt[1][2], 'cb') or '0') - dropped_bytes_after(offset_of(nxt[1]))
+  local _, _, cb = meta_of(nxt[1][2])
+  return appended - cb - dropped_bytes_after(offset_of(nxt[1]))
 end
 -- The cursor moves over dropped events right after it (nobody will ever ack them): to just
 -- before the next surviving entry, or to head when none survives.
@@ -163,7 +176,7 @@ if n > 0 then
   for j = 1, n do
     local i, key, slot = fresh[j][1], fresh[j][2], fresh[j][3]
     local offset = first + j - 1
-    redis.call('XADD', KEYS[2], id(offset), 'record', ARGV[i], 'received_ms', ARGV[i + 1], 'size', ARGV[i + 2], 'cb', cb)
+    redis.call('XADD', KEYS[2], id(offset), 'e', ARGV[i + 1] .. ' ' .. ARGV[i + 2] .. ' ' .. cb .. '\n' .. ARGV[i])
     cb = cb + tonumber(ARGV[i + 2])
     if key then redis.call('SET', key, offset, 'PX', ttl) end
     out[slot + 1] = offset
@@ -213,7 +226,7 @@ const STATS: &str = r#"
 local m = redis.call('HMGET', KEYS[1], 'epoch', 'cursor', 'head', 'bytes')
 local oldest = false
 local first = redis.call('XRANGE', KEYS[2], id(tonumber(m[2]) + 1), '+', 'COUNT', 1)
-if #first > 0 then oldest = field(first[1][2], 'received_ms') end
+if #first > 0 then oldest = meta_of(first[1][2]) end
 local dropped = redis.call('ZCOUNT', KEYS[3], '(' .. m[2], '+inf')
 return {m[1], m[2], m[3], m[4], dropped, oldest}
 "#;
@@ -228,7 +241,7 @@ for i = 3, #ARGV do
   if offset and offset > cursor and offset <= head then
     local entry = redis.call('XRANGE', KEYS[2], id(offset), id(offset))
     if #entry == 1 then
-      local size = tonumber(field(entry[1][2], 'size') or '0')
+      local _, size = meta_of(entry[1][2])
       redis.call('XDEL', KEYS[2], id(offset))
       redis.call('ZADD', KEYS[3], offset, string.format('%d:%d', offset, size))
       dropped, freed = dropped + 1, freed + size
@@ -763,25 +776,38 @@ fn parse_entries(agent: &str, reply: Value) -> Result<Vec<EventRecord>, StoreErr
             .and_then(|o| std::str::from_utf8(o).ok())
             .and_then(|o| o.parse::<u64>().ok())
             .ok_or_else(|| corrupt(&format!("unexpected entry id {:?}", String::from_utf8_lossy(&id))))?;
-        let mut record = None;
-        let mut received_at_ms = 0;
-        let mut fields = fields.into_iter();
-        while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
-            let (Value::BulkString(name), Value::BulkString(value)) = (name, value) else {
-                return Err(corrupt(&format!("entry {offset} has a field that is not a string")));
-            };
-            match name.as_slice() {
-                b"record" => record = Some(value),
-                b"received_ms" => {
-                    received_at_ms = std::str::from_utf8(&value).ok().and_then(|t| t.parse().ok()).unwrap_or(0)
-                }
-                _ => {}
-            }
-        }
-        let record = record.ok_or_else(|| corrupt(&format!("entry 0-{offset} has no record")))?;
+        let (received_at_ms, record) =
+            entry_fields(fields).map_err(|what| corrupt(&format!("entry 0-{offset} {what}")))?;
         events.push(EventRecord { offset, received_at_ms, record });
     }
     Ok(events)
+}
+
+/// `received_ms` and the record of an entry's fields, in either layout (see the module docs).
+fn entry_fields(fields: Vec<Value>) -> Result<(u64, Vec<u8>), &'static str> {
+    let mut fields = fields.into_iter();
+    let mut record = None;
+    let mut received_at_ms = 0;
+    while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
+        let (Value::BulkString(name), Value::BulkString(mut value)) = (name, value) else {
+            return Err("has a field that is not a string");
+        };
+        match name.as_slice() {
+            b"e" => {
+                let header = value.iter().take(64).position(|&b| b == b'\n').ok_or("has no header line")?;
+                let text = std::str::from_utf8(&value[..header]).map_err(|_| "has a header that is not text")?;
+                received_at_ms = text.split(' ').next().and_then(|t| t.parse().ok()).ok_or("has a bad header")?;
+                value.drain(..=header);
+                record = Some(value);
+            }
+            b"record" => record = Some(value),
+            b"received_ms" => {
+                received_at_ms = std::str::from_utf8(&value).ok().and_then(|t| t.parse().ok()).unwrap_or(0)
+            }
+            _ => {}
+        }
+    }
+    Ok((received_at_ms, record.ok_or("has no record")?))
 }
 
 /// The URL with any user info (`user:password@`) replaced, so it can appear in messages.
@@ -850,6 +876,20 @@ mod tests {
     }
 
     #[test]
+    fn one_field_entries_split_their_header_from_the_record() {
+        let reply = Value::Array(vec![
+            entry(b"0-3", &[(b"e", b"1234 70 0\n\x01{\"a\":\n1}")]),
+            entry(b"0-4", &[(b"e", b"99 64 70\n")]),
+        ]);
+        let got = parse_entries("a", reply).expect("well-formed reply");
+        assert_eq!(
+            (got[0].offset, got[0].received_at_ms, got[0].record.as_slice()),
+            (3, 1234, &b"\x01{\"a\":\n1}"[..])
+        );
+        assert_eq!((got[1].offset, got[1].received_at_ms, got[1].record.as_slice()), (4, 99, &b""[..]));
+    }
+
+    #[test]
     fn malformed_stream_entries_are_corrupt_errors_naming_the_agent() {
         let cases = [
             Value::Okay,
@@ -859,6 +899,9 @@ mod tests {
             Value::Array(vec![entry(b"0-7", &[(b"size", b"1")])]),
             Value::Array(vec![Value::Array(vec![bulk(b"0-7"), Value::Array(vec![bulk(b"record"), Value::Int(3)])])]),
             Value::Array(vec![Value::Array(vec![bulk(b"0-7"), Value::Array(vec![]), bulk(b"extra")])]),
+            Value::Array(vec![entry(b"0-7", &[(b"e", b"no header line")])]),
+            Value::Array(vec![entry(b"0-7", &[(b"e", b"x 1 2\nrecord")])]),
+            Value::Array(vec![entry(b"0-7", &[(b"e", &[0xff, b' ', b'\n'])])]),
         ];
         for (i, reply) in cases.into_iter().enumerate() {
             match parse_entries("bob", reply) {

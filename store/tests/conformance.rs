@@ -979,6 +979,61 @@ async fn redis_lost_meta_with_dropped_events_counts_exactly() {
         .unwrap();
 }
 
+/// Streams written before entries became one field (`record`, `received_ms`, `size`, `cb` as
+/// separate fields) keep working: read, stats, ack, drop and meta rebuild read both layouts,
+/// and new appends continue the same log.
+#[tokio::test]
+async fn redis_reads_logs_written_in_the_four_field_layout() {
+    let url = shared_redis_url();
+    let store = RedisStore::connect(&url, StoreOptions::default()).await.unwrap();
+    let agent = random_prefix();
+    let old: Vec<EventData> = (1..=3).map(|i| event_at(&agent, None, &"o".repeat(i * 5), 1_000 + i as u64)).collect();
+    let mut conn = raw_redis(&url).await;
+    let mut appended = 0;
+    for (i, e) in old.iter().enumerate() {
+        let size = e.size_hint();
+        let _: String = redis::cmd("XADD")
+            .arg(format!("c:{{{agent}}}:evt"))
+            .arg(format!("0-{}", i + 1))
+            .arg("record")
+            .arg(e.to_record())
+            .arg("received_ms")
+            .arg(e.received_at_ms)
+            .arg("size")
+            .arg(size)
+            .arg("cb")
+            .arg(appended)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        appended += size;
+    }
+    // No meta hash: the first call rebuilds it from the old entries.
+    let stats = store.stats(&agent).await.unwrap();
+    assert_eq!((stats.position.cursor, stats.position.head, stats.pending), (0, 3, 3));
+    assert_eq!(stats.pending_bytes, appended as u64);
+    assert_eq!(stats.oldest_pending_ms, Some(1_001));
+    let new = event_at(&agent, None, "new", 2_000);
+    assert_eq!(store.append(&new).await.unwrap(), Appended::Stored(4));
+    let read = store.read(&agent, 0, 10).await.unwrap();
+    let datas: Vec<&EventData> = read.iter().map(|e| &e.data).collect();
+    assert_eq!(datas, old.iter().chain([&new]).collect::<Vec<_>>());
+    let records = store.read_records(&agent, 0, 10).await.unwrap();
+    assert_eq!(records.iter().map(|r| r.received_at_ms).collect::<Vec<_>>(), [1_001, 1_002, 1_003, 2_000]);
+    assert_eq!(store.drop_events(&agent, &[2]).await.unwrap(), 1);
+    assert_eq!(store.ack(&agent, 1).await.unwrap(), 2, "the cursor moves over the dropped old entry");
+    let stats = store.stats(&agent).await.unwrap();
+    assert_eq!(stats.pending_bytes, (old[2].size_hint() + new.size_hint()) as u64);
+    assert_eq!(stats.oldest_pending_ms, Some(1_003));
+    let _: () = redis::cmd("DEL")
+        .arg(format!("c:{{{agent}}}:meta"))
+        .arg(format!("c:{{{agent}}}:evt"))
+        .arg(format!("c:{{{agent}}}:drop"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
 /// Redis forgets scripts on restart or `SCRIPT FLUSH`; every script call must reload and
 /// succeed rather than fail with NOSCRIPT (the store sends EVALSHA itself).
 #[tokio::test]
