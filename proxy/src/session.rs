@@ -20,7 +20,6 @@ const MAX_BATCH: usize = 512;
 /// The agent must say Hello this quickly after opening the connection.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-static D: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
 /// Accepts connections until shutdown.
@@ -214,39 +213,16 @@ async fn stream_events(
             let size = events.iter().map(|e| e.record.len() + 24).sum::<usize>() + 16;
             let frame = encode_into(&ToAgent::Deliver { events }, Vec::with_capacity(size));
             ahead.start_reads(app, agent.id(), *head.borrow());
-            let t1 = std::time::Instant::now();
             write_encoded(send, frame).instrument(span).await?;
-            D[0].fetch_add(t1.elapsed().as_micros() as u64, Ordering::Relaxed);
-            D[5].fetch_add(1, Ordering::Relaxed);
             sent = last;
             app.metrics.delivered(&timings, agent.note_delivered(session, &timings));
             agent.input(Input::Delivered { events: timings.len() as u64, at: std::time::Instant::now() });
         }
-        let t2 = std::time::Instant::now();
-        if sent == *head.borrow() && acked == sent {
-            use std::io::Write;
-            let mut f = std::fs::OpenOptions::new().append(true).create(true).open("/tmp/diag/session.log").unwrap();
-            let _ = writeln!(
-                f,
-                "DIAG write={} readwait={} ackwait={} otherwait={} reads={} writes={} readwait_with_room={} ready_empty_at_ack={}",
-                D[0].load(Ordering::Relaxed),
-                D[1].load(Ordering::Relaxed),
-                D[2].load(Ordering::Relaxed),
-                D[3].load(Ordering::Relaxed),
-                D[4].load(Ordering::Relaxed),
-                D[5].load(Ordering::Relaxed),
-                D[6].load(Ordering::Relaxed),
-                D[7].load(Ordering::Relaxed)
-            );
-        }
-        let full = sent - acked >= window;
         tokio::select! {
-            read = ahead.finished(), if ahead.reading() => { let w = t2.elapsed().as_micros() as u64; D[1].fetch_add(w, Ordering::Relaxed); D[4].fetch_add(1, Ordering::Relaxed); if !full { D[6].fetch_add(w, Ordering::Relaxed); } ahead.arrived(read?, sent) },
+            read = ahead.finished(), if ahead.reading() => ahead.arrived(read?, sent),
             frame = reader.next::<ToProxy>() => match frame? {
                 Some(ToProxy::Credit { window: w }) => window = u64::from(w).clamp(1, cap),
                 Some(ToProxy::Ack { up_to }) => {
-                    if ahead.ready.is_empty() { D[7].fetch_add(1, Ordering::Relaxed); }
-                    D[2].fetch_add(t2.elapsed().as_micros() as u64, Ordering::Relaxed);
                     // An agent may ack beyond this session's deliveries: after a reconnect the
                     // SDK re-sends an ack whose first copy was lost with the old connection.
                     // Beyond the stored head, though, it acks events that do not exist.
