@@ -144,7 +144,16 @@ async fn deliver(
     reader: &mut FrameReader,
     drain: watch::Receiver<bool>,
 ) -> Result<(), SessionError> {
+    // The first reads start from the cursor this process knows, alongside the store's answer:
+    // a woken agent's first event then costs one store round trip, not two. A different
+    // authoritative cursor (another replica acked, an operator moved it) discards them.
+    let known = agent.cursor();
+    let mut ahead = ReadAhead::new(known);
+    ahead.start_reads(app, agent.id(), agent.head());
     let position = app.store.position(agent.id()).await?;
+    if position.cursor != known {
+        ahead = ReadAhead::new(position.cursor);
+    }
     let welcome = ToAgent::Welcome {
         session: format!("{session:x}"),
         epoch: position.epoch,
@@ -153,7 +162,7 @@ async fn deliver(
     };
     write_frame(send, &welcome).await?;
     let (acks, acks_rx) = watch::channel(position.cursor);
-    let result = stream_events(app, agent, session, window, position.cursor, send, reader, drain, &acks, acks_rx).await;
+    let result = stream_events(app, agent, session, window, ahead, send, reader, drain, &acks, acks_rx).await;
     let latest = *acks.borrow();
     if latest > position.cursor {
         match app.store.ack(agent.id(), latest).await {
@@ -172,22 +181,21 @@ async fn stream_events(
     agent: &AgentRuntime,
     session: u64,
     window: u32,
-    cursor: u64,
+    mut ahead: ReadAhead,
     send: &mut quinn::SendStream,
     reader: &mut FrameReader,
     mut drain: watch::Receiver<bool>,
     acks: &watch::Sender<u64>,
     acks_rx: watch::Receiver<u64>,
 ) -> Result<(), SessionError> {
-    let mut acked = cursor;
-    let mut sent = cursor;
+    let mut acked = ahead.read_to;
+    let mut sent = acked;
     // The agent's initial credit, capped by the configured window (a bound on proxy memory).
     let cap = u64::from(agent.config.window.max(1));
     let mut window = u64::from(window).clamp(1, cap);
     let mut head = agent.watch_head();
     let mut paused = agent.watch_paused();
     let mut draining = false;
-    let mut ahead = ReadAhead::new(cursor);
     let persist = persist_acks(app, agent, acks_rx);
     tokio::pin!(persist);
     loop {

@@ -437,3 +437,49 @@ async fn a_window_granted_mid_session_is_honoured() {
     assert_eq!(offsets(receive_n_unacked(&mut agent, 2, Duration::from_secs(5)).await), vec![6, 7]);
     expect_no_more(&mut agent, Duration::from_millis(300)).await;
 }
+
+/// A session starts reading from the cursor this proxy knows while it asks the store for the
+/// authoritative one. When another replica moved the cursor meanwhile (the agent acked there),
+/// those early reads are discarded: delivery resumes exactly after the store's cursor.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_resumes_from_the_stores_cursor_when_another_replica_moved_it() {
+    use concierge_protocol::{ToAgent, ToProxy};
+    let redis = Redis::start();
+    let body = format!(
+        "{}\n[webhooks.in]\nagent = \"a\"\nverify = \"none\"\n",
+        agent_section("a", "driver = \"none\"\npolicy = \"never\"")
+    );
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // Acked events stay in the log (retained for redelivery), so reading from a stale cursor
+    // would find them.
+    let config = |dir: &std::path::Path| {
+        let path = write_config(dir, &Backend::Redis(redis.url()), [0, 0, 0], &body);
+        let text = std::fs::read_to_string(&path).unwrap().replace("[store]\n", "[store]\nretain_acked = 100\n");
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let a = Proxy::start(&config(dir_a.path()));
+    post_n(&a, 6).await;
+    // Replica B starts after the events are stored, so it knows the head; the agent acks 4 there.
+    let b = Proxy::start(&config(dir_b.path()));
+    {
+        let (_endpoint, conn, mut send, mut reader) = raw_session(&b, 100).await;
+        let Some(ToAgent::Deliver { events }) = reader.next::<ToAgent>().await.unwrap() else { panic!("no delivery") };
+        assert_eq!(events.first().map(|e| e.offset), Some(1));
+        concierge_protocol::io::write_frame(&mut send, &ToProxy::Ack { up_to: 4 }).await.unwrap();
+        let acked =
+            eventually(Duration::from_secs(5), || async { (b.agent("a").await["cursor"] == 4).then_some(()) }).await;
+        assert!(acked.is_some(), "replica B did not store the ack");
+        conn.close(0u32.into(), b"moving to another replica");
+    }
+    assert_eq!(a.agent("a").await["cursor"], 0, "replica A has not seen the ack");
+    let (_endpoint, _conn, _send, mut reader) = raw_session(&a, 100).await;
+    let mut offsets = Vec::new();
+    while offsets.len() < 2 {
+        match tokio::time::timeout(Duration::from_secs(5), reader.next::<ToAgent>()).await.unwrap().unwrap() {
+            Some(ToAgent::Deliver { events }) => offsets.extend(events.iter().map(|e| e.offset)),
+            other => panic!("expected Deliver, got {other:?}"),
+        }
+    }
+    assert_eq!(offsets, [5, 6], "exactly the events after the store's cursor");
+}
