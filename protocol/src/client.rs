@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
-use crate::event::Event;
+use crate::event::{Event, EventRecord};
 use crate::frame::{DEFAULT_MAX_FRAME, RejectCode, SendRequest, SendResult, ToAgent, ToProxy};
 use crate::io::{FrameReader, IoError, write_frame};
 use crate::tls::{Trust, client_config, udp_socket};
@@ -159,9 +159,11 @@ enum Command {
 }
 
 /// What the connection task hands to the application side. Events travel a whole `Deliver`
-/// frame at a time: one channel hand-off per batch, not per event, on the replay hot path.
+/// frame at a time (one channel hand-off per batch, not per event, on the replay hot path),
+/// still encoded: the application's task decodes each as it takes it, so the connection task
+/// keeps reading and acking meanwhile.
 enum Incoming {
-    Events(std::collections::VecDeque<Event>),
+    Events(std::collections::VecDeque<EventRecord>),
     Drain(String),
     Fatal(Box<ClientError>),
 }
@@ -170,7 +172,7 @@ enum Incoming {
 pub struct AgentClient {
     incoming: mpsc::Receiver<Incoming>,
     /// Events of the current batch not yet returned by `next`.
-    ready: std::collections::VecDeque<Event>,
+    ready: std::collections::VecDeque<EventRecord>,
     commands: mpsc::UnboundedSender<Command>,
     connection: watch::Receiver<Option<quinn::Connection>>,
     welcome: watch::Receiver<Welcome>,
@@ -216,10 +218,14 @@ impl AgentClient {
     }
 
     /// The next event in offset order; `Ok(None)` when the proxy asked this agent to drain
-    /// (ack what you hold and exit) or the client was closed.
+    /// (ack what you hold and exit) or the client was closed. An event that does not decode is
+    /// a `Protocol` error naming its offset; the following call returns the next event.
     pub async fn next(&mut self) -> Result<Option<Event>, ClientError> {
         loop {
-            if let Some(event) = self.ready.pop_front() {
+            if let Some(record) = self.ready.pop_front() {
+                let event = record.decode().map_err(|e| {
+                    ClientError::Protocol(format!("event at offset {} does not decode: {e}", record.offset))
+                })?;
                 return Ok(Some(event));
             }
             match self.incoming.recv().await {
@@ -377,16 +383,11 @@ async fn drive(
                 tokio::select! {
                     frame = session.reader.next::<ToAgent>() => match frame? {
                         Some(ToAgent::Deliver { events }) => {
-                            let mut batch = std::collections::VecDeque::with_capacity(events.len());
-                            for record in events {
-                                if record.offset <= handed_up_to {
-                                    continue; // already handed to the application before a reconnect
-                                }
-                                let event = record.decode().map_err(|e| {
-                                    ClientError::Protocol(format!("event at offset {} does not decode: {e}", record.offset))
-                                })?;
-                                handed_up_to = event.offset;
-                                batch.push_back(event);
+                            // Skips what was already handed to the application before a reconnect.
+                            let batch: std::collections::VecDeque<EventRecord> =
+                                events.into_iter().filter(|r| r.offset > handed_up_to).collect();
+                            if let Some(last) = batch.back() {
+                                handed_up_to = last.offset;
                             }
                             if !batch.is_empty() && incoming.send(Incoming::Events(batch)).await.is_err() {
                                 return Ok(true);

@@ -483,3 +483,35 @@ async fn a_session_resumes_from_the_stores_cursor_when_another_replica_moved_it(
     }
     assert_eq!(offsets, [5, 6], "exactly the events after the store's cursor");
 }
+
+/// A stored event the SDK cannot decode (written by a newer build, or damaged) is an error
+/// naming its offset from `next`, and the events after it still arrive: one bad record does
+/// not stall the agent's log.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_that_does_not_decode_is_named_and_the_next_ones_still_arrive() {
+    let redis = Redis::start();
+    let body = format!(
+        "{}\n[webhooks.in]\nagent = \"a\"\nverify = \"none\"\n",
+        agent_section("a", "driver = \"none\"\npolicy = \"never\"")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&write_config(dir.path(), &Backend::Redis(redis.url()), [0, 0, 0], &body));
+    post_n_from(&proxy, 1, 1).await;
+    // Offset 2: an entry whose record has an unknown version byte (0x09).
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new("redis-cli").args(["-p", &redis.port.to_string()]).args(args).output();
+        assert!(out.expect("redis-cli runs").status.success(), "redis-cli {args:?}");
+    };
+    cli(&["XADD", "c:{a}:evt", "0-2", "e", "1234 10 0\n\tgarbage"]);
+    cli(&["HINCRBY", "c:{a}:meta", "head", "1"]);
+    post_n_from(&proxy, 3, 3).await;
+
+    let mut agent = proxy.connect("a").await;
+    let within = Duration::from_secs(5);
+    assert_eq!(tokio::time::timeout(within, agent.next()).await.unwrap().unwrap().unwrap().offset, 1);
+    let err = tokio::time::timeout(within, agent.next()).await.unwrap().expect_err("offset 2 does not decode");
+    let err = err.to_string();
+    assert!(err.contains("offset 2") && err.contains("unknown version 9"), "{err}");
+    let third = tokio::time::timeout(within, agent.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!((third.offset, third.data.text.as_deref()), (3, Some("m3")));
+}
