@@ -29,10 +29,25 @@ pub async fn serve(app: Arc<App>, endpoint: quinn::Endpoint, mut shutdown: watch
             i = endpoint.accept() => match i { Some(i) => i, None => return },
             _ = shutdown.wait_for(|s| *s) => return,
         };
+        let remote = incoming.remote_address();
+        // Accepting runs the TLS server's first flight (key exchange, certificate signature)
+        // while holding quinn's endpoint lock, which the endpoint's datagram routing needs too.
+        // On a blocking thread, a storm of handshakes cannot park the async workers that serve
+        // webhooks and live sessions; one at a time, since the lock serializes them anyway.
+        let connecting = match tokio::task::spawn_blocking(move || incoming.accept()).await {
+            Ok(Ok(connecting)) => connecting,
+            Ok(Err(e)) => {
+                tracing::debug!(%remote, error = %e, "QUIC connection not accepted");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(%remote, error = %e, "QUIC accept task failed");
+                continue;
+            }
+        };
         let app = app.clone();
         tokio::spawn(async move {
-            let remote = incoming.remote_address();
-            match incoming.await {
+            match connecting.await {
                 Ok(conn) => connection(app, conn).await,
                 Err(e) => tracing::debug!(%remote, error = %e, "QUIC handshake failed"),
             }
