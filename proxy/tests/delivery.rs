@@ -7,12 +7,16 @@ use std::time::Duration;
 
 use common::*;
 
-fn config(dir: &std::path::Path) -> std::path::PathBuf {
-    let body = format!(
+/// Agent `a`, which connects on its own, with the unsigned webhook route `in`.
+fn agent_a() -> String {
+    format!(
         "{}\n[webhooks.in]\nagent = \"a\"\nverify = \"none\"\n",
         agent_section("a", "driver = \"none\"\npolicy = \"never\"")
-    );
-    write_config(dir, &Backend::Embedded, [0, 0, 0], &body)
+    )
+}
+
+fn config(dir: &std::path::Path) -> std::path::PathBuf {
+    write_config(dir, &Backend::Embedded, [0, 0, 0], &agent_a())
 }
 
 async fn post_n(proxy: &Proxy, n: usize) {
@@ -209,10 +213,7 @@ async fn one_client_rides_out_a_proxy_restart() {
     use concierge_protocol::tls::Trust;
     let dir = tempfile::tempdir().unwrap();
     let ports = fixed_ports();
-    let body = format!(
-        "{}\n[webhooks.in]\nagent = \"a\"\nverify = \"none\"\n",
-        agent_section("a", "driver = \"none\"\npolicy = \"never\"")
-    );
+    let body = agent_a();
     let config = write_config_with(dir.path(), &Backend::Embedded, ports, "shutdown_delay = \"5s\"", &body);
     let mut proxy = Proxy::start(&config);
     post_n(&proxy, 3).await;
@@ -445,10 +446,7 @@ async fn a_window_granted_mid_session_is_honoured() {
 async fn a_session_resumes_from_the_stores_cursor_when_another_replica_moved_it() {
     use concierge_protocol::{ToAgent, ToProxy};
     let redis = Redis::start();
-    let body = format!(
-        "{}\n[webhooks.in]\nagent = \"a\"\nverify = \"none\"\n",
-        agent_section("a", "driver = \"none\"\npolicy = \"never\"")
-    );
+    let body = agent_a();
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     // Acked events stay in the log (retained for redelivery), so reading from a stale cursor
     // would find them.
@@ -490,10 +488,7 @@ async fn a_session_resumes_from_the_stores_cursor_when_another_replica_moved_it(
 #[tokio::test(flavor = "multi_thread")]
 async fn an_event_that_does_not_decode_is_named_and_the_next_ones_still_arrive() {
     let redis = Redis::start();
-    let body = format!(
-        "{}\n[webhooks.in]\nagent = \"a\"\nverify = \"none\"\n",
-        agent_section("a", "driver = \"none\"\npolicy = \"never\"")
-    );
+    let body = agent_a();
     let dir = tempfile::tempdir().unwrap();
     let proxy = Proxy::start(&write_config(dir.path(), &Backend::Redis(redis.url()), [0, 0, 0], &body));
     post_n_from(&proxy, 1, 1).await;
@@ -514,4 +509,23 @@ async fn an_event_that_does_not_decode_is_named_and_the_next_ones_still_arrive()
     assert!(err.contains("offset 2") && err.contains("unknown version 9"), "{err}");
     let third = tokio::time::timeout(within, agent.next()).await.unwrap().unwrap().unwrap();
     assert_eq!((third.offset, third.data.text.as_deref()), (3, Some("m3")));
+}
+
+/// Store reads run ahead of delivery, two at a time, the second starting where the first ends
+/// if it comes back full. With a small frame ceiling every read is cut short by its byte
+/// budget, so the read behind it must be discarded and redone from where the first really
+/// ended: every event arrives once, in order, with no gap.
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_cut_short_by_the_frame_budget_lose_and_repeat_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy =
+        Proxy::start(&write_config_with(dir.path(), &Backend::Embedded, [0, 0, 0], "max_frame = 4096", &agent_a()));
+    post_n(&proxy, 600).await;
+    let mut options = proxy.client_options("a", TOKEN);
+    options.window = 1000;
+    let mut agent = concierge_protocol::client::AgentClient::connect(options).await.unwrap();
+    let got = receive_n(&mut agent, 600, Duration::from_secs(30)).await;
+    let offsets: Vec<u64> = got.iter().map(|e| e.offset).collect();
+    assert_eq!(offsets, (1..=600).collect::<Vec<u64>>());
+    expect_no_more(&mut agent, Duration::from_millis(300)).await;
 }

@@ -115,6 +115,12 @@ fn event_at(agent: &str, dedupe_key: Option<&str>, text: &str, received_at_ms: u
     }
 }
 
+/// Removes an agent's log keys (meta, stream, dropped set) from the shared Redis.
+async fn delete_log_keys(conn: &mut redis::aio::MultiplexedConnection, agent: &str) {
+    let keys = ["meta", "evt", "drop"].map(|k| format!("c:{{{agent}}}:{k}"));
+    let _: () = redis::cmd("DEL").arg(&keys[..]).query_async(conn).await.unwrap();
+}
+
 async fn offsets(store: &dyn Store, agent: &str) -> Vec<u64> {
     store.read(agent, 0, 10_000).await.unwrap().iter().map(|e| e.offset).collect()
 }
@@ -970,13 +976,7 @@ async fn redis_lost_meta_with_dropped_events_counts_exactly() {
     assert_eq!(stats.pending_bytes, (sent[0].size_hint() + sent[2].size_hint() + sent[3].size_hint()) as u64);
     assert_eq!(store.ack(&agent, 1).await.unwrap(), 2, "the rebuilt gap is a dropped event");
     assert_eq!(store.stats(&agent).await.unwrap().pending_bytes, (sent[2].size_hint() + sent[3].size_hint()) as u64);
-    let _: () = redis::cmd("DEL")
-        .arg(format!("c:{{{agent}}}:meta"))
-        .arg(format!("c:{{{agent}}}:evt"))
-        .arg(format!("c:{{{agent}}}:drop"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    delete_log_keys(&mut conn, &agent).await;
 }
 
 /// Streams written before entries became one field (`record`, `received_ms`, `size`, `cb` as
@@ -1025,13 +1025,7 @@ async fn redis_reads_logs_written_in_the_four_field_layout() {
     let stats = store.stats(&agent).await.unwrap();
     assert_eq!(stats.pending_bytes, (old[2].size_hint() + new.size_hint()) as u64);
     assert_eq!(stats.oldest_pending_ms, Some(1_003));
-    let _: () = redis::cmd("DEL")
-        .arg(format!("c:{{{agent}}}:meta"))
-        .arg(format!("c:{{{agent}}}:evt"))
-        .arg(format!("c:{{{agent}}}:drop"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    delete_log_keys(&mut conn, &agent).await;
 }
 
 /// Redis forgets scripts on restart or `SCRIPT FLUSH`; every script call must reload and
