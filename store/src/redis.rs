@@ -23,6 +23,11 @@
 //! runs); with `appendfsync always` Redis answers only after the AOF fsync, which the whole
 //! round shares. All calls are pipelined on one multiplexed connection.
 //!
+//! The connection, the group-commit task and every call run on a thread of the store's own
+//! (a single-threaded runtime): replies are handled as soon as they arrive instead of queueing
+//! behind the proxy's other work. In a storm of 1,000 agent wakes the append's reply waited
+//! 5.6 ms (p50) behind QUIC handshakes on the shared runtime while Redis itself was idle.
+//!
 //! Agent ids are escaped in keys (`%`, `{`, `}`, `:` become `%XX`), so no agent id can break
 //! out of its hash tag or collide with another agent's keys; dedupe and idempotency keys sit
 //! at the end of the key after a fixed prefix and need no escaping.
@@ -294,11 +299,48 @@ impl Scripts {
 
 /// The Redis store: shared by replicas, reconnects by itself after Redis restarts.
 pub struct RedisStore {
+    inner: std::sync::Arc<Inner>,
+    /// Appends wait here for the group-commit task ([`commit_appends`]).
+    appends: mpsc::Sender<AppendJob>,
+    io: IoThread,
+}
+
+/// What every call needs; shared with the calls running on the I/O thread.
+struct Inner {
     conn: ConnectionManager,
     opts: StoreOptions,
     scripts: Scripts,
-    /// Appends wait here for the group-commit task ([`commit_appends`]).
-    appends: mpsc::Sender<AppendJob>,
+}
+
+/// The store's thread and its single-threaded runtime; stops when the store is dropped.
+struct IoThread {
+    handle: tokio::runtime::Handle,
+    _stop: oneshot::Sender<()>,
+}
+
+impl IoThread {
+    fn start() -> Result<IoThread, StoreError> {
+        let failed = |e: std::io::Error| StoreError::Config(format!("cannot start the Redis store's thread: {e}"));
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(failed)?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("concierge-redis".into())
+            .spawn(move || runtime.block_on(async move { stopped.await.unwrap_or(()) }))
+            .map_err(failed)?;
+        Ok(IoThread { handle, _stop: stop })
+    }
+
+    /// Runs `call` on the I/O thread, so the connection's tasks, reconnects included, live there.
+    async fn run<T: Send + 'static>(
+        &self,
+        call: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.handle
+            .spawn(call)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("the Redis store's thread stopped: {e}")))?
+    }
 }
 
 /// Most appends one script call carries, and most record bytes: bounds the script's run time
@@ -330,15 +372,30 @@ impl RedisStore {
             .set_number_of_retries(RECONNECT_RETRIES)
             .set_min_delay(Duration::from_millis(100))
             .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("cannot connect to Redis at {shown}: {e}")))?;
+        let io = IoThread::start()?;
+        let conn = io
+            .run(async move {
+                ConnectionManager::new_with_config(client, config)
+                    .await
+                    .map_err(|e| StoreError::Unavailable(format!("cannot connect to Redis at {shown}: {e}")))
+            })
+            .await?;
         let scripts = Scripts::new();
         let (appends, queued) = mpsc::channel(APPEND_QUEUE);
-        tokio::spawn(commit_appends(queued, conn.clone(), scripts.append.clone(), opts.dedupe_ttl));
-        Ok(RedisStore { conn, opts, scripts, appends })
+        io.handle.spawn(commit_appends(queued, conn.clone(), scripts.append.clone(), opts.dedupe_ttl));
+        Ok(RedisStore { inner: std::sync::Arc::new(Inner { conn, opts, scripts }), appends, io })
     }
 
+    /// Runs `call` with the shared state on the I/O thread.
+    async fn on_io<T: Send + 'static, F>(&self, call: impl FnOnce(std::sync::Arc<Inner>) -> F) -> Result<T, StoreError>
+    where
+        F: Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        self.io.run(call(self.inner.clone())).await
+    }
+}
+
+impl Inner {
     /// A handle on the shared multiplexed connection (cheap; requests are pipelined).
     fn conn(&self) -> ConnectionManager {
         self.conn.clone()
@@ -499,6 +556,67 @@ impl Store for RedisStore {
         answer.await.map_err(|_| gone())?
     }
 
+    async fn read_records(&self, agent: &str, after: u64, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
+        let agent = agent.to_owned();
+        self.on_io(|i| async move { i.read_records(&agent, after, limit).await }).await
+    }
+
+    async fn ack(&self, agent: &str, up_to: u64) -> Result<u64, StoreError> {
+        let agent = agent.to_owned();
+        self.on_io(|i| async move { i.ack(&agent, up_to).await }).await
+    }
+
+    async fn rewind(&self, agent: &str, to: u64) -> Result<u64, StoreError> {
+        let agent = agent.to_owned();
+        self.on_io(|i| async move { i.rewind(&agent, to).await }).await
+    }
+
+    async fn drop_events(&self, agent: &str, offsets: &[u64]) -> Result<u64, StoreError> {
+        let (agent, offsets) = (agent.to_owned(), offsets.to_vec());
+        self.on_io(|i| async move { i.drop_events(&agent, &offsets).await }).await
+    }
+
+    async fn position(&self, agent: &str) -> Result<Position, StoreError> {
+        let agent = agent.to_owned();
+        self.on_io(|i| async move { i.position(&agent).await }).await
+    }
+
+    async fn stats(&self, agent: &str) -> Result<Stats, StoreError> {
+        let agent = agent.to_owned();
+        self.on_io(|i| async move { i.stats(&agent).await }).await
+    }
+
+    async fn claim_send(&self, agent: &str, key: &str) -> Result<SendClaim, StoreError> {
+        let (agent, key) = (agent.to_owned(), key.to_owned());
+        self.on_io(|i| async move { i.claim_send(&agent, &key).await }).await
+    }
+
+    async fn finish_send(&self, agent: &str, key: &str, result: &SendResult) -> Result<(), StoreError> {
+        let (agent, key, result) = (agent.to_owned(), key.to_owned(), result.clone());
+        self.on_io(|i| async move { i.finish_send(&agent, &key, &result).await }).await
+    }
+
+    async fn check_writable(&self) -> Result<(), StoreError> {
+        self.on_io(|i| async move { i.check_writable().await }).await
+    }
+
+    async fn get_state(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = key.to_owned();
+        self.on_io(|i| async move { i.get_state(&key).await }).await
+    }
+
+    async fn put_state(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        let (key, value) = (key.to_owned(), value.to_vec());
+        self.on_io(|i| async move { i.put_state(&key, &value).await }).await
+    }
+
+    async fn warnings(&self) -> Vec<String> {
+        self.on_io(|i| async move { Ok(i.warnings().await) }).await.unwrap_or_else(|e| vec![e.to_string()])
+    }
+}
+
+/// The calls themselves; [`RedisStore`] runs each on the I/O thread.
+impl Inner {
     async fn read_records(&self, agent: &str, after: u64, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
         if limit == 0 {
             return Ok(Vec::new());
