@@ -135,6 +135,39 @@ pub struct Running {
     ingress: Vec<tokio::task::JoinHandle<()>>,
     /// The admin listener and the metrics collector.
     admin: Vec<tokio::task::JoinHandle<()>>,
+    /// Where the QUIC endpoint, its connections and the agent sessions run.
+    _quic: QuicRuntime,
+}
+
+/// The runtime of the QUIC side. A handshake's steps run key exchange and signature code; on
+/// a runtime of their own, a storm of them does not queue ahead of webhooks, lifecycle
+/// runners and wake drivers (1,000 wakes at once: overhead p99 ~25 -> 14-20 ms).
+struct QuicRuntime(Option<tokio::runtime::Runtime>);
+
+impl QuicRuntime {
+    fn start() -> anyhow::Result<QuicRuntime> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .thread_name("concierge-quic")
+            .enable_all()
+            .build()
+            .context("starting the QUIC runtime")?;
+        Ok(QuicRuntime(Some(runtime)))
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        // Present until drop.
+        self.0.as_ref().map(tokio::runtime::Runtime::handle).expect("the QUIC runtime lives until drop")
+    }
+}
+
+impl Drop for QuicRuntime {
+    /// Dropping a runtime blocks, which is not allowed inside another one: let it wind down
+    /// in the background (everything on it has been closed by then).
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 /// Opens the configured store.
@@ -168,9 +201,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let server_config = concierge_protocol::tls::server_config(identity.chain, identity.key)?;
     let socket = concierge_protocol::tls::udp_socket(config.server.quic_listen)
         .with_context(|| format!("binding QUIC on {}", config.server.quic_listen))?;
-    let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
-    let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server_config), socket, runtime)
-        .with_context(|| format!("starting QUIC on {}", config.server.quic_listen))?;
+    let quic = QuicRuntime::start()?;
+    let endpoint = {
+        // quinn spawns the endpoint's and every connection's tasks where it is created.
+        let _inside = quic.handle().enter();
+        let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
+        quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server_config), socket, runtime)
+            .with_context(|| format!("starting QUIC on {}", config.server.quic_listen))?
+    };
     let quic_addr = endpoint.local_addr()?;
 
     let mut fleet = Fleet::new();
@@ -257,7 +295,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let admin_addr = admin_listener.local_addr()?;
     admin_tasks.push(serve_http(admin_listener, admin::router(app.clone()), admin_rx));
 
-    tasks.push(tokio::spawn(session::serve(app.clone(), endpoint.clone(), shutdown_rx)));
+    tasks.push(quic.handle().spawn(session::serve(app.clone(), endpoint.clone(), shutdown_rx)));
     Ok(Running {
         quic_addr,
         http_addr,
@@ -269,6 +307,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         runners,
         ingress: tasks,
         admin: admin_tasks,
+        _quic: quic,
     })
 }
 
