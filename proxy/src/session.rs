@@ -215,9 +215,9 @@ async fn stream_events(
     tokio::pin!(persist);
     loop {
         let delivering = !draining && !*paused.borrow_and_update();
-        // Keep one store read in flight whatever the window, so the next events are in hand
-        // when the agent's ack opens it (reading only then put a store round trip per ack
-        // on the replay's critical path).
+        // Keep store reads in flight whatever the window, so the next events are in hand when
+        // the agent's ack opens it (reading only then put a store round trip per ack on the
+        // replay's critical path).
         if delivering {
             ahead.start_reads(app, agent.id(), *head.borrow_and_update());
         }
