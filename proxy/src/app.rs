@@ -141,7 +141,8 @@ pub struct Running {
 
 /// The runtime of the QUIC side. A handshake's steps run key exchange and signature code; on
 /// a runtime of their own, a storm of them does not queue ahead of webhooks, lifecycle
-/// runners and wake drivers (1,000 wakes at once: overhead p99 ~25 -> 14-20 ms).
+/// runners and wake drivers (1,000 wakes at once: wake overhead p50 7.7-8.0 -> 3.9-4.5 ms,
+/// Hello -> first delivery p99 ~16 -> 7.4-8.5 ms; BENCHMARKS.md).
 struct QuicRuntime(Option<tokio::runtime::Runtime>);
 
 impl QuicRuntime {

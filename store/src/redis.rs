@@ -395,23 +395,6 @@ impl RedisStore {
     }
 }
 
-impl Inner {
-    /// A handle on the shared multiplexed connection (cheap; requests are pipelined).
-    fn conn(&self) -> ConnectionManager {
-        self.conn.clone()
-    }
-
-    /// [`eval`] on this store's connection.
-    async fn eval<T: ::redis::FromRedisValue>(
-        &self,
-        script: &Script,
-        keys: &[&str],
-        args: impl FnOnce(&mut Cmd),
-    ) -> ::redis::RedisResult<T> {
-        eval(&mut self.conn(), script, keys, args).await
-    }
-}
-
 /// Runs `EVALSHA` of `script` with `keys` and `args`, loading the script once if Redis does
 /// not know it (first use, or after a restart).
 ///
@@ -617,6 +600,21 @@ impl Store for RedisStore {
 
 /// The calls themselves; [`RedisStore`] runs each on the I/O thread.
 impl Inner {
+    /// A handle on the shared multiplexed connection (cheap; requests are pipelined).
+    fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// [`eval`] on this store's connection.
+    async fn eval<T: ::redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        keys: &[&str],
+        args: impl FnOnce(&mut Cmd),
+    ) -> ::redis::RedisResult<T> {
+        eval(&mut self.conn(), script, keys, args).await
+    }
+
     async fn read_records(&self, agent: &str, after: u64, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
         if limit == 0 {
             return Ok(Vec::new());

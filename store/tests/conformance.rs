@@ -13,9 +13,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use concierge_protocol::{ChannelRef, EventData, SendResult, now_ms};
+use concierge_protocol::{EventData, SendResult};
 use concierge_store::{Appended, RedisStore, SendClaim, SqliteStore, Store, StoreError, StoreOptions};
 use tempfile::TempDir;
+
+mod common;
+use common::*;
 
 /// Every suite test must finish within this, so a hang is a failure, not a stuck CI job.
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -67,10 +70,6 @@ impl Harness {
 
 type Make = fn(StoreOptions) -> Pin<Box<dyn Future<Output = Harness> + Send>>;
 
-fn random_prefix() -> String {
-    format!("t{:016x}", rand::random::<u64>())
-}
-
 fn make_sqlite(opts: StoreOptions) -> Pin<Box<dyn Future<Output = Harness> + Send>> {
     Box::pin(async move {
         let dir = tempfile::tempdir().unwrap();
@@ -79,46 +78,12 @@ fn make_sqlite(opts: StoreOptions) -> Pin<Box<dyn Future<Output = Harness> + Sen
     })
 }
 
-fn shared_redis_url() -> String {
-    std::env::var("CONCIERGE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
-}
-
 fn make_redis(opts: StoreOptions) -> Pin<Box<dyn Future<Output = Harness> + Send>> {
     Box::pin(async move {
         let url = shared_redis_url();
         let store = RedisStore::connect(&url, opts).await.unwrap();
         Harness { store: Arc::new(store), prefix: random_prefix(), redis_url: Some(url), _dir: None }
     })
-}
-
-async fn raw_redis(url: &str) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap()
-}
-
-fn event(agent: &str, dedupe_key: Option<&str>, text: &str) -> EventData {
-    event_at(agent, dedupe_key, text, now_ms())
-}
-
-fn event_at(agent: &str, dedupe_key: Option<&str>, text: &str, received_at_ms: u64) -> EventData {
-    EventData {
-        agent: agent.to_owned(),
-        channel: ChannelRef::new("webhook", "test"),
-        conversation: "conversation-1".to_owned(),
-        sender: Some("sender".to_owned()),
-        dedupe_key: dedupe_key.map(str::to_owned),
-        received_at_ms,
-        text: Some(text.to_owned()),
-        attachments: vec![],
-        content_type: "application/json".to_owned(),
-        raw: format!("{{\"text\":{text:?}}}").into_bytes(),
-        meta: vec![("k".to_owned(), "v".to_owned())],
-    }
-}
-
-/// Removes an agent's log keys (meta, stream, dropped set) from the shared Redis.
-async fn delete_log_keys(conn: &mut redis::aio::MultiplexedConnection, agent: &str) {
-    let keys = ["meta", "evt", "drop"].map(|k| format!("c:{{{agent}}}:{k}"));
-    let _: () = redis::cmd("DEL").arg(&keys[..]).query_async(conn).await.unwrap();
 }
 
 async fn offsets(store: &dyn Store, agent: &str) -> Vec<u64> {
