@@ -394,20 +394,24 @@ impl ReadAhead {
     /// Up to `room` events from the front, at most `budget` bytes (but at least one), so the
     /// frame stays under the ceiling.
     fn take(&mut self, room: usize, budget: usize) -> Vec<EventRecord> {
-        let mut bytes = 0;
-        let count = self
-            .ready
-            .iter()
-            .take(room)
-            .position(|e| {
-                bytes += e.record.len() + 32;
-                bytes > budget
-            })
-            .unwrap_or(room.min(self.ready.len()))
-            .max(1)
-            .min(self.ready.len());
+        let count = within_budget(self.ready.iter().take(room), budget);
         self.ready.drain(..count).collect()
     }
+}
+
+/// How many of `events`, from the front, fit in `budget` bytes of frame (at least one, when
+/// there is one, so an event larger than the budget still goes out alone).
+fn within_budget<'a>(events: impl Iterator<Item = &'a EventRecord>, budget: usize) -> usize {
+    let mut bytes = 0;
+    let mut count = 0;
+    for e in events {
+        bytes += e.record.len() + 32;
+        if bytes > budget && count > 0 {
+            break;
+        }
+        count += 1;
+    }
+    count
 }
 
 /// Persists acks as they come, always the latest one; returns only when the store fails.
@@ -441,16 +445,7 @@ async fn read_batch(
     budget: usize,
 ) -> Result<Vec<EventRecord>, SessionError> {
     let mut events = store.read_records(agent, after, room).await?;
-    let mut bytes = 0;
-    let keep = events
-        .iter()
-        .position(|e| {
-            bytes += e.record.len() + 32;
-            bytes > budget
-        })
-        .unwrap_or(events.len())
-        .max(1);
-    events.truncate(keep);
+    events.truncate(within_budget(events.iter(), budget));
     Ok(events)
 }
 
@@ -484,5 +479,27 @@ async fn serve_sends(app: Arc<App>, agent: Arc<AgentRuntime>, conn: quinn::Conne
             let _ = write_frame(&mut send, &ToAgent::SendResult(result)).await;
             let _ = send.finish();
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn records(sizes: &[usize]) -> Vec<EventRecord> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| EventRecord { offset: i as u64 + 1, received_at_ms: 0, record: vec![0; n] })
+            .collect()
+    }
+
+    #[test]
+    fn a_frame_takes_what_fits_and_an_oversized_event_goes_alone() {
+        // Each event costs its bytes plus 32 of framing.
+        assert_eq!(within_budget(records(&[68, 68, 68]).iter(), 200), 2);
+        assert_eq!(within_budget(records(&[68, 68, 68]).iter(), 300), 3);
+        assert_eq!(within_budget(records(&[1000, 10]).iter(), 200), 1, "an oversized first event still goes out");
+        assert_eq!(within_budget(records(&[]).iter(), 200), 0);
     }
 }
