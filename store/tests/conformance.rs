@@ -944,11 +944,25 @@ async fn redis_lost_meta_with_dropped_events_counts_exactly() {
     delete_log_keys(&mut conn, &agent).await;
 }
 
-/// Streams written before entries became one field (`record`, `received_ms`, `size`, `cb` as
-/// separate fields) keep working: read, stats, ack, drop and meta rebuild read both layouts,
-/// and new appends continue the same log.
+/// The stream layouts written by earlier versions (see `store/src/redis.rs`).
+#[derive(Clone, Copy, Debug)]
+enum OldLayout {
+    /// `record`, `received_ms`, `size`, `cb` as four fields.
+    FourFields,
+    /// One field `e` = `<received_ms> <size> <cb>\n<record>`.
+    HeaderLine,
+}
+
+/// Streams written in an earlier layout keep working: read, stats, ack, drop and meta rebuild
+/// read them, and new appends continue the same log.
 #[tokio::test]
-async fn redis_reads_logs_written_in_the_four_field_layout() {
+async fn redis_reads_logs_written_in_earlier_layouts() {
+    for layout in [OldLayout::FourFields, OldLayout::HeaderLine] {
+        reads_log_written_in(layout).await;
+    }
+}
+
+async fn reads_log_written_in(layout: OldLayout) {
     let url = shared_redis_url();
     let store = RedisStore::connect(&url, StoreOptions::default()).await.unwrap();
     let agent = random_prefix();
@@ -957,39 +971,74 @@ async fn redis_reads_logs_written_in_the_four_field_layout() {
     let mut appended = 0;
     for (i, e) in old.iter().enumerate() {
         let size = e.size_hint();
-        let _: String = redis::cmd("XADD")
-            .arg(format!("c:{{{agent}}}:evt"))
-            .arg(format!("0-{}", i + 1))
-            .arg("record")
-            .arg(e.to_record())
-            .arg("received_ms")
-            .arg(e.received_at_ms)
-            .arg("size")
-            .arg(size)
-            .arg("cb")
-            .arg(appended)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        let mut xadd = redis::cmd("XADD");
+        xadd.arg(format!("c:{{{agent}}}:evt")).arg(format!("0-{}", i + 1));
+        match layout {
+            OldLayout::FourFields => {
+                xadd.arg("record").arg(e.to_record());
+                xadd.arg("received_ms").arg(e.received_at_ms).arg("size").arg(size).arg("cb").arg(appended);
+            }
+            OldLayout::HeaderLine => {
+                let mut value = format!("{} {size} {appended}\n", e.received_at_ms).into_bytes();
+                value.extend(e.to_record());
+                xadd.arg("e").arg(value);
+            }
+        }
+        let _: String = xadd.query_async(&mut conn).await.unwrap();
         appended += size;
     }
     // No meta hash: the first call rebuilds it from the old entries.
     let stats = store.stats(&agent).await.unwrap();
-    assert_eq!((stats.position.cursor, stats.position.head, stats.pending), (0, 3, 3));
-    assert_eq!(stats.pending_bytes, appended as u64);
-    assert_eq!(stats.oldest_pending_ms, Some(1_001));
+    assert_eq!((stats.position.cursor, stats.position.head, stats.pending), (0, 3, 3), "{layout:?}");
+    assert_eq!(stats.pending_bytes, appended as u64, "{layout:?}");
+    assert_eq!(stats.oldest_pending_ms, Some(1_001), "{layout:?}");
     let new = event_at(&agent, None, "new", 2_000);
-    assert_eq!(store.append(&new).await.unwrap(), Appended::Stored(4));
+    assert_eq!(store.append(&new).await.unwrap(), Appended::Stored(4), "{layout:?}");
     let read = store.read(&agent, 0, 10).await.unwrap();
     let datas: Vec<&EventData> = read.iter().map(|e| &e.data).collect();
-    assert_eq!(datas, old.iter().chain([&new]).collect::<Vec<_>>());
+    assert_eq!(datas, old.iter().chain([&new]).collect::<Vec<_>>(), "{layout:?}");
     let records = store.read_records(&agent, 0, 10).await.unwrap();
     assert_eq!(records.iter().map(|r| r.received_at_ms).collect::<Vec<_>>(), [1_001, 1_002, 1_003, 2_000]);
-    assert_eq!(store.drop_events(&agent, &[2]).await.unwrap(), 1);
+    assert_eq!(store.drop_events(&agent, &[2]).await.unwrap(), 1, "{layout:?}");
     assert_eq!(store.ack(&agent, 1).await.unwrap(), 2, "the cursor moves over the dropped old entry");
     let stats = store.stats(&agent).await.unwrap();
-    assert_eq!(stats.pending_bytes, (old[2].size_hint() + new.size_hint()) as u64);
-    assert_eq!(stats.oldest_pending_ms, Some(1_003));
+    assert_eq!(stats.pending_bytes, (old[2].size_hint() + new.size_hint()) as u64, "{layout:?}");
+    assert_eq!(stats.oldest_pending_ms, Some(1_003), "{layout:?}");
+    delete_log_keys(&mut conn, &agent).await;
+}
+
+/// The append claims an event's dedupe key before it writes the event. When the write fails
+/// the claim must be released: otherwise the platform's retry of that event would be answered
+/// "duplicate" and the event never stored. Here the write fails because the stream already
+/// holds an entry past the head (Redis refuses an XADD id below its last one).
+#[tokio::test]
+async fn redis_failed_append_leaves_no_dedupe_claim_behind() {
+    let url = shared_redis_url();
+    let store = RedisStore::connect(&url, StoreOptions::default()).await.unwrap();
+    let agent = random_prefix();
+    assert_eq!(store.append(&event(&agent, Some("k1"), "m1")).await.unwrap(), Appended::Stored(1));
+    let mut conn = raw_redis(&url).await;
+    let stream = format!("c:{{{agent}}}:evt");
+    let _: String =
+        redis::cmd("XADD").arg(&stream).arg("0-100").arg("x").arg("y").query_async(&mut conn).await.unwrap();
+
+    let err = store.append(&event(&agent, Some("k2"), "m2")).await.unwrap_err();
+    assert!(err.to_string().contains("XADD of offset 2 failed"), "{err}");
+    let claim: Option<String> =
+        redis::cmd("GET").arg(format!("c:{{{agent}}}:dd:k2")).query_async(&mut conn).await.unwrap();
+    assert_eq!(claim, None, "the failed append released its dedupe claim");
+    assert_eq!(store.position(&agent).await.unwrap().head, 1, "the head did not move");
+
+    // Once the stray entry is gone (with the stream: a stream remembers its last id even after
+    // XDEL), the retry is stored, not answered as a duplicate.
+    let _: u64 = redis::cmd("DEL").arg(&stream).query_async(&mut conn).await.unwrap();
+    assert_eq!(store.append(&event(&agent, Some("k2"), "m2")).await.unwrap(), Appended::Stored(2));
+    let _: () = redis::cmd("DEL")
+        .arg(format!("c:{{{agent}}}:dd:k1"))
+        .arg(format!("c:{{{agent}}}:dd:k2"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     delete_log_keys(&mut conn, &agent).await;
 }
 
