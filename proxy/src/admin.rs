@@ -374,7 +374,7 @@ fn row<'a>(
     admin: &'a Admin,
     agent: &'a AgentRuntime,
     snapshot: &crate::metrics::Snapshot,
-    held: &ConnectionStates,
+    held: &dyn Fn(&(String, String)) -> Option<(String, Option<String>)>,
     now: u64,
 ) -> Row<'a> {
     let view = agent.view();
@@ -404,7 +404,7 @@ fn row<'a>(
                 .map(|c| {
                     let (state, last_error) = match &c.held {
                         None => ("push".to_string(), None),
-                        Some(key) => held.get(key).cloned().unwrap_or_else(|| ("starting".to_string(), None)),
+                        Some(key) => held(key).unwrap_or_else(|| ("starting".to_string(), None)),
                     };
                     ChannelRow { kind: c.kind, name: &c.name, state, last_error }
                 })
@@ -448,6 +448,7 @@ fn fleet_rows(admin: &Admin) -> Vec<Row<'_>> {
     let snapshot = app.metrics.snapshot();
     let held = connection_states(app);
     let now = now_ms();
+    let held = |key: &(String, String)| held.get(key).cloned();
     admin.ids.iter().map(|id| row(admin, &app.fleet[id], &snapshot, &held, now)).collect()
 }
 
@@ -532,7 +533,10 @@ async fn agent_detail(State(admin): State<Arc<Admin>>, Path(id): Path<String>) -
     let Some(agent) = app.fleet.get(&id) else {
         return not_found(&id);
     };
-    let mut out = json!(row(&admin, agent, &app.metrics.snapshot(), &connection_states(app), now_ms()));
+    // This agent's connections only: copying the registry made each call O(fleet size), and a
+    // 1,000-agent fleet's detail pages spent most of their CPU there.
+    let held = |(channel, name): &(String, String)| app.metrics.connection_status(channel, name);
+    let mut out = json!(row(&admin, agent, &app.metrics.snapshot(), &held, now_ms()));
     match app.store.stats(&id).await {
         Ok(s) => {
             out["pending"] = json!(s.pending);

@@ -429,6 +429,13 @@ impl Metrics {
         lock(&self.connections).values().cloned().collect()
     }
 
+    /// One connection's state and last error: a lookup, so one agent's page does not copy
+    /// the whole registry (every webhook route is in it).
+    pub fn connection_status(&self, channel: &str, name: &str) -> Option<(String, Option<String>)> {
+        let key = (channel.to_string(), name.to_string());
+        lock(&self.connections).get(&key).map(|c| (c.state.clone(), c.last_error.clone()))
+    }
+
     fn recount_connections(&self, all: &BTreeMap<(String, String), ConnectionInfo>) {
         let mut counts: HashMap<ConnectionLabels, i64> = HashMap::new();
         for c in all.values() {

@@ -369,6 +369,9 @@ async fn every_action_needs_the_admin_token_and_the_read_token_only_reads() {
         .await
         .unwrap();
     assert_eq!((agent["cursor"].as_u64(), agent["pending"].as_u64()), (Some(0), Some(3)), "{agent}");
+    // The detail page looks up the state of this agent's held connections (its route listens).
+    assert_eq!(agent["channels"][0]["name"], "hook", "{agent}");
+    assert_eq!(agent["channels"][0]["state"], "listening", "{agent}");
     // Reads: open to both tokens, closed without one; the page itself needs none.
     for path in ["/api/fleet", "/api/agents", "/api/agents/a/events", "/api/channels", "/api/audit", "/metrics"] {
         assert_eq!(call(&proxy, "GET", path, None, None).await, 401, "{path} without a token");
