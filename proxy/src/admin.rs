@@ -156,6 +156,8 @@ struct ChannelRow<'a> {
 
 /// Held connections by registry key: state and last error (read once per fleet answer).
 type ConnectionStates = HashMap<(String, String), (String, Option<String>)>;
+/// A held connection's `(state, last error)` by its registry key `(channel, name)`.
+type HeldState<'a> = &'a dyn Fn(&(String, String)) -> Option<(String, Option<String>)>;
 
 fn connection_states(app: &App) -> ConnectionStates {
     app.metrics.connections().into_iter().map(|c| ((c.channel, c.name), (c.state, c.last_error))).collect()
@@ -374,7 +376,7 @@ fn row<'a>(
     admin: &'a Admin,
     agent: &'a AgentRuntime,
     snapshot: &crate::metrics::Snapshot,
-    held: &dyn Fn(&(String, String)) -> Option<(String, Option<String>)>,
+    held: HeldState<'_>,
     now: u64,
 ) -> Row<'a> {
     let view = agent.view();
