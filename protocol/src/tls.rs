@@ -65,8 +65,17 @@ pub fn fingerprint(cert_der: &[u8]) -> String {
     hex::encode(Sha256::digest(cert_der))
 }
 
+/// ring's cipher suites with AES-128-GCM/SHA-256 first; ring lists AES-256-GCM/SHA-384 first.
+/// Every packet is sealed with the suite's AEAD and every handshake runs its hash a few dozen
+/// times: SHA-384 has no instructions on x86 CPUs while SHA-256 has (`sha512_block_data_order`
+/// was the largest crypto item of the proxy's CPU in a storm of 1,000 handshakes; `hold`
+/// connected 1,117-1,296 agents/s with this order against 836-1,088 with ring's).
+/// AES-128-GCM is TLS 1.3's mandatory suite and what QUIC's Initial packets use anyway; the
+/// other suites stay available. The client's order decides, and both ends use this provider.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites.sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(provider)
 }
 
 /// Server-side QUIC configuration with our ALPN and small per-connection stream limits.
@@ -162,5 +171,50 @@ impl ServerCertVerifier for PinnedVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A TLS 1.3 handshake between this module's client and server choices, in memory, settles
+    /// on AES-128-GCM/SHA-256 (it would be AES-256-GCM/SHA-384 with ring's own order).
+    #[test]
+    fn handshakes_negotiate_aes_128_gcm_sha256() {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("certificate");
+        let key = PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+        let server = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.cert.der().clone()], key)
+            .expect("server config");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.cert.der().clone()).expect("root");
+        let client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name = ServerName::try_from("localhost").expect("name");
+        let mut client = rustls::ClientConnection::new(Arc::new(client), name).expect("client");
+        let mut server = rustls::ServerConnection::new(Arc::new(server)).expect("server");
+        for _ in 0..10 {
+            if !client.is_handshaking() && !server.is_handshaking() {
+                break;
+            }
+            let mut wire = Vec::new();
+            client.write_tls(&mut wire).expect("client writes");
+            server.read_tls(&mut wire.as_slice()).expect("server reads");
+            server.process_new_packets().expect("server processes");
+            wire.clear();
+            server.write_tls(&mut wire).expect("server writes");
+            client.read_tls(&mut wire.as_slice()).expect("client reads");
+            client.process_new_packets().expect("client processes");
+        }
+        assert!(!client.is_handshaking(), "the handshake finished");
+        let suite = client.negotiated_cipher_suite().map(|s| s.suite());
+        assert_eq!(suite, Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256));
     }
 }
