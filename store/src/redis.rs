@@ -64,7 +64,8 @@ const INFLIGHT: &[u8] = b"inflight";
 
 /// Shared by every script that touches an agent's meta hash: KEYS[1] = meta, KEYS[2] =
 /// stream, KEYS[3] = dropped set, ARGV[1] = a fresh random epoch used only if the meta hash
-/// does not exist.
+/// does not exist. Every script calls `ensure_meta()` first, except `APPEND`, which calls it
+/// only when its `HMGET` finds no meta hash (a command fewer on the hot path).
 const PRELUDE: &str = r#"
 local function id(offset) return string.format('0-%d', offset) end
 local function field(fields, name)
