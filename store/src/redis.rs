@@ -179,7 +179,7 @@ for i = 3, #ARGV, 4 do
   if original then
     out[#out + 1], out[#out + 2] = 0, tonumber(original)
   else
-    local added = redis.pcall('XADD', KEYS[2], '0-' .. offset, string.format('%s %d', ARGV[i + 1], cb), ARGV[i])
+    local added = redis.pcall('XADD', KEYS[2], id(head + 1), string.format('%s %d', ARGV[i + 1], cb), ARGV[i])
     if type(added) == 'table' and added.err then
       if key then redis.call('DEL', key) end
       if stored > 0 then save() end
@@ -1007,31 +1007,21 @@ mod tests {
     }
 
     #[test]
-    fn entries_carry_their_header_as_the_field_name() {
-        let reply = Value::Array(vec![
-            entry(b"0-3", &[(b"1234 70 0", b"\x01{\"a\":\n1}")]),
-            entry(b"0-4", &[(b"99 0 70", b"")]),
-        ]);
-        let got = parse_entries("a", reply).expect("well-formed reply");
-        assert_eq!(
-            (got[0].offset, got[0].received_at_ms, got[0].record.as_slice()),
-            (3, 1234, &b"\x01{\"a\":\n1}"[..])
-        );
-        assert_eq!((got[1].offset, got[1].received_at_ms, got[1].record.as_slice()), (4, 99, &b""[..]));
-    }
-
-    #[test]
-    fn one_field_entries_split_their_header_from_the_record() {
-        let reply = Value::Array(vec![
-            entry(b"0-3", &[(b"e", b"1234 70 0\n\x01{\"a\":\n1}")]),
-            entry(b"0-4", &[(b"e", b"99 64 70\n")]),
-        ]);
-        let got = parse_entries("a", reply).expect("well-formed reply");
-        assert_eq!(
-            (got[0].offset, got[0].received_at_ms, got[0].record.as_slice()),
-            (3, 1234, &b"\x01{\"a\":\n1}"[..])
-        );
-        assert_eq!((got[1].offset, got[1].received_at_ms, got[1].record.as_slice()), (4, 99, &b""[..]));
+    fn one_field_entries_give_the_header_and_the_record_in_both_layouts() {
+        // The header as the field's name (current), or as the value's first line (`e`).
+        let layouts: [[(&[u8], &[u8]); 2]; 2] = [
+            [(b"1234 70 0", b"\x01{\"a\":\n1}"), (b"99 0 70", b"")],
+            [(b"e", b"1234 70 0\n\x01{\"a\":\n1}"), (b"e", b"99 64 70\n")],
+        ];
+        for [first, second] in layouts {
+            let reply = Value::Array(vec![entry(b"0-3", &[first]), entry(b"0-4", &[second])]);
+            let got = parse_entries("a", reply).expect("well-formed reply");
+            assert_eq!(
+                (got[0].offset, got[0].received_at_ms, got[0].record.as_slice()),
+                (3, 1234, &b"\x01{\"a\":\n1}"[..])
+            );
+            assert_eq!((got[1].offset, got[1].received_at_ms, got[1].record.as_slice()), (4, 99, &b""[..]));
+        }
     }
 
     #[test]

@@ -1033,12 +1033,7 @@ async fn redis_failed_append_leaves_no_dedupe_claim_behind() {
     // XDEL), the retry is stored, not answered as a duplicate.
     let _: u64 = redis::cmd("DEL").arg(&stream).query_async(&mut conn).await.unwrap();
     assert_eq!(store.append(&event(&agent, Some("k2"), "m2")).await.unwrap(), Appended::Stored(2));
-    let _: () = redis::cmd("DEL")
-        .arg(format!("c:{{{agent}}}:dd:k1"))
-        .arg(format!("c:{{{agent}}}:dd:k2"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    delete_dedupe_keys(&mut conn, &agent, &["k1", "k2"]).await;
     delete_log_keys(&mut conn, &agent).await;
 }
 
@@ -1062,12 +1057,6 @@ async fn redis_reloads_scripts_after_script_flush() {
     assert_eq!(store.ack(&agent, 2).await.unwrap(), 2);
     let _: () = flush().query_async(&mut conn).await.unwrap();
     assert_eq!(store.position(&agent).await.unwrap().cursor, 2);
-    let _: () = redis::cmd("DEL")
-        .arg(format!("c:{{{agent}}}:meta"))
-        .arg(format!("c:{{{agent}}}:evt"))
-        .arg(format!("c:{{{agent}}}:dd:k1"))
-        .arg(format!("c:{{{agent}}}:dd:k2"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    delete_dedupe_keys(&mut conn, &agent, &["k1", "k2"]).await;
+    delete_log_keys(&mut conn, &agent).await;
 }

@@ -35,6 +35,12 @@ pub fn event_at(agent: &str, dedupe_key: Option<&str>, text: &str, received_at_m
     }
 }
 
+/// Removes an agent's dedupe keys (`c:{agent}:dd:<key>`) from the shared Redis.
+pub async fn delete_dedupe_keys(conn: &mut redis::aio::MultiplexedConnection, agent: &str, dedupe: &[&str]) {
+    let keys: Vec<String> = dedupe.iter().map(|k| format!("c:{{{agent}}}:dd:{k}")).collect();
+    let _: () = redis::cmd("DEL").arg(&keys[..]).query_async(conn).await.unwrap();
+}
+
 /// Removes an agent's log keys (meta, stream, dropped set) from the shared Redis.
 pub async fn delete_log_keys(conn: &mut redis::aio::MultiplexedConnection, agent: &str) {
     let keys = ["meta", "evt", "drop"].map(|k| format!("c:{{{agent}}}:{k}"));
