@@ -154,15 +154,6 @@ struct ChannelRow<'a> {
     last_error: Option<String>,
 }
 
-/// Held connections by registry key: state and last error (read once per fleet answer).
-type ConnectionStates = HashMap<(String, String), (String, Option<String>)>;
-/// A held connection's `(state, last error)` by its registry key `(channel, name)`.
-type HeldState<'a> = &'a dyn Fn(&(String, String)) -> Option<(String, Option<String>)>;
-
-fn connection_states(app: &App) -> ConnectionStates {
-    app.metrics.connections().into_iter().map(|c| ((c.channel, c.name), (c.state, c.last_error))).collect()
-}
-
 impl Admin {
     /// Records an action: in memory, in the store's audit record, and as an `audit` log line.
     async fn record(&self, action: &'static str, agent: &str, detail: String, result: &Result<(), String>) {
@@ -372,13 +363,7 @@ struct Row<'a> {
     channels: Vec<ChannelRow<'a>>,
 }
 
-fn row<'a>(
-    admin: &'a Admin,
-    agent: &'a AgentRuntime,
-    snapshot: &crate::metrics::Snapshot,
-    held: HeldState<'_>,
-    now: u64,
-) -> Row<'a> {
+fn row<'a>(admin: &'a Admin, agent: &'a AgentRuntime, snapshot: &crate::metrics::Snapshot, now: u64) -> Row<'a> {
     let view = agent.view();
     let stats = snapshot.agents.get(agent.id());
     Row {
@@ -406,7 +391,9 @@ fn row<'a>(
                 .map(|c| {
                     let (state, last_error) = match &c.held {
                         None => ("push".to_string(), None),
-                        Some(key) => held(key).unwrap_or_else(|| ("starting".to_string(), None)),
+                        Some(key) => {
+                            admin.app.metrics.connection_status(key).unwrap_or_else(|| ("starting".to_string(), None))
+                        }
                     };
                     ChannelRow { kind: c.kind, name: &c.name, state, last_error }
                 })
@@ -448,10 +435,8 @@ fn totals(rows: &[Row<'_>]) -> Value {
 fn fleet_rows(admin: &Admin) -> Vec<Row<'_>> {
     let app = &admin.app;
     let snapshot = app.metrics.snapshot();
-    let held = connection_states(app);
     let now = now_ms();
-    let held = |key: &(String, String)| held.get(key).cloned();
-    admin.ids.iter().map(|id| row(admin, &app.fleet[id], &snapshot, &held, now)).collect()
+    admin.ids.iter().map(|id| row(admin, &app.fleet[id], &snapshot, now)).collect()
 }
 
 fn status(app: &App) -> Value {
@@ -535,10 +520,7 @@ async fn agent_detail(State(admin): State<Arc<Admin>>, Path(id): Path<String>) -
     let Some(agent) = app.fleet.get(&id) else {
         return not_found(&id);
     };
-    // This agent's connections only: copying the registry made each call O(fleet size), and a
-    // 1,000-agent fleet's detail pages spent most of their CPU there.
-    let held = |(channel, name): &(String, String)| app.metrics.connection_status(channel, name);
-    let mut out = json!(row(&admin, agent, &app.metrics.snapshot(), &held, now_ms()));
+    let mut out = json!(row(&admin, agent, &app.metrics.snapshot(), now_ms()));
     match app.store.stats(&id).await {
         Ok(s) => {
             out["pending"] = json!(s.pending);
