@@ -72,6 +72,7 @@ impl EventSink for App {
                 event.agent
             )));
         }
+        agent.event_arriving(received);
         let span = tracing::info_span!("ingest", agent = %event.agent, channel = kind, route = name, offset = Empty);
         let mut event = event;
         if crate::otlp::exporting()

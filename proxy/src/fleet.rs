@@ -3,7 +3,7 @@
 //! what lets ingress, sessions, the wake runner and the admin API meet without polling.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use concierge_config::AgentConfig;
@@ -44,6 +44,9 @@ pub struct AgentRuntime {
     cursor: AtomicU64,
     lifecycle: mpsc::UnboundedSender<Input>,
     view: Mutex<LifecycleView>,
+    /// Whether the published state is `Asleep`: lets ingest tell the runner about an arriving
+    /// event only when that can start a wake, not once per event for an awake agent.
+    asleep: AtomicBool,
     session: Mutex<Option<SessionControl>>,
     session_closed: watch::Sender<u64>,
     /// Operator pause: sessions deliver nothing while true (the agent may stay connected).
@@ -153,6 +156,7 @@ impl AgentRuntime {
             cursor: AtomicU64::new(cursor),
             lifecycle,
             view: Mutex::new(view),
+            asleep: AtomicBool::new(true),
             session: Mutex::new(None),
             session_closed: watch::channel(0).0,
             paused: watch::channel(false).0,
@@ -219,6 +223,15 @@ impl AgentRuntime {
         let _ = self.lifecycle.send(input);
     }
 
+    /// An authenticated event for this agent is being stored (see [`Input::EventArriving`]).
+    /// A stale hint is harmless: the machine ignores the input unless it is really asleep, and
+    /// the stored event wakes the agent in any case.
+    pub fn event_arriving(&self, received: std::time::Instant) {
+        if self.asleep.load(Ordering::Relaxed) {
+            self.input(Input::EventArriving { received });
+        }
+    }
+
     /// Snapshot for the admin API.
     pub fn view(&self) -> LifecycleView {
         lock(&self.view).clone()
@@ -226,6 +239,7 @@ impl AgentRuntime {
 
     /// Written by the runner after each step; a wake replaced by a newer one joins the history.
     pub fn set_view(&self, view: LifecycleView) {
+        self.asleep.store(view.state == State::Asleep, Ordering::Relaxed);
         let previous = std::mem::replace(&mut *lock(&self.view), view.clone());
         if previous.state != view.state {
             let mut changes = lock(&self.state_changes);

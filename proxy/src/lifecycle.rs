@@ -57,6 +57,16 @@ pub struct Settings {
 /// Something that happened.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Input {
+    /// An authenticated event is on its way to the store. An asleep agent with the
+    /// `immediate` policy is woken now, so its start-up overlaps the durable write instead of
+    /// following it (the write is a store round trip; a cold start is far longer, and the
+    /// agent only ever receives what the store holds). The price is a wake for an event the
+    /// store then refuses or finds to be a duplicate: the agent finds nothing new and goes
+    /// back to sleep after `sleep_after`.
+    EventArriving {
+        /// When the event reached the proxy.
+        received: Instant,
+    },
     /// A new event was stored for this agent; `received` is when ingress got it, where a
     /// wake's timings start.
     EventStored {
@@ -253,6 +263,11 @@ impl Lifecycle {
     /// Advances the machine.
     pub fn handle(&mut self, input: Input, now: Instant) -> Vec<Action> {
         match input {
+            Input::EventArriving { received } => match (self.state, self.settings.policy) {
+                (State::Asleep, Policy::Immediate) => self.begin_wake("event", received.min(now)),
+                // Nothing is pending yet: coalescing and sleep timers wait for the stored event.
+                _ => Vec::new(),
+            },
             Input::EventStored { received } => {
                 self.pending = true;
                 self.on_event(received.min(now))
@@ -547,6 +562,41 @@ mod tests {
         m.handle(Input::Connected { at: later }, later);
         assert_eq!(m.state(), State::Awake);
         assert_eq!(m.last_wake().unwrap().outcome, "connected");
+    }
+
+    #[test]
+    fn an_arriving_event_wakes_an_immediate_agent_before_it_is_stored_and_only_once() {
+        let t = Instant::now();
+        let later = t + Duration::from_millis(3);
+        let mut m = Lifecycle::new(settings(Policy::Immediate), false);
+        assert_eq!(m.handle(Input::EventArriving { received: t }, t), vec![Action::CallDriver { attempt: 1 }]);
+        assert_eq!(m.state(), State::Waking);
+        assert!(m.handle(Input::EventStored { received: t }, later).is_empty(), "the wake in progress covers it");
+        m.handle(Input::DriverCalled { at: t + Duration::from_millis(1) }, later);
+        assert_eq!(m.last_wake().and_then(|w| w.driver_called_after_ms), Some(1.0), "timed from arrival");
+
+        // Coalescing, `never` and awake agents wait for the stored event.
+        let mut coalescing = Lifecycle::new(settings(Policy::Coalesce(Duration::from_secs(30))), false);
+        assert!(coalescing.handle(Input::EventArriving { received: t }, t).is_empty());
+        assert_eq!(coalescing.deadline(), None, "no window opens for an event not yet stored");
+        let mut never = Lifecycle::new(settings(Policy::Never), false);
+        assert!(never.handle(Input::EventArriving { received: t }, t).is_empty());
+        let mut awake = Lifecycle::new(settings(Policy::Immediate), false);
+        awake.handle(Input::Connected { at: t }, t);
+        let sleep_at = awake.deadline();
+        assert!(awake.handle(Input::EventArriving { received: later }, later).is_empty());
+        assert_eq!((awake.state(), awake.deadline()), (State::Awake, sleep_at));
+    }
+
+    #[test]
+    fn an_early_wake_whose_event_was_never_stored_puts_the_agent_back_to_sleep() {
+        let t = Instant::now();
+        let mut m = Lifecycle::new(settings(Policy::Immediate), false);
+        m.handle(Input::EventArriving { received: t }, t);
+        m.handle(Input::DriverReturned(Ok(())), t);
+        m.handle(Input::Connected { at: t }, t);
+        assert_eq!(m.deadline(), Some(t + Duration::from_secs(30)), "nothing pending: the sleep timer runs");
+        assert_eq!(m.handle(Input::Timer, t + Duration::from_secs(30)), vec![Action::Sleep]);
     }
 
     #[test]

@@ -147,3 +147,39 @@ async fn operators_can_wake_an_agent_with_policy_never() {
     assert_eq!(sink.wait_for(1, Duration::from_secs(20)).await.len(), 1);
     assert_eq!(proxy.agent("echo").await["last_wake"]["reason"], "operator");
 }
+
+/// An agent's start-up overlaps the durable write of the event that wakes it: with Redis
+/// frozen mid-write, the driver is called although the webhook is not answered yet (write
+/// before ack still holds), and once Redis thaws the POST gets its 202 and the woken agent
+/// receives the event, with one wake in all.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_wake_starts_while_its_event_is_still_being_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start();
+    let spawns = dir.path().join("spawns");
+    let script = format!("echo x >> {}; exec \"$CONCIERGE_BIN\" agent echo", spawns.display());
+    let sink = Sink::start().await;
+    let body = format!(
+        "{}\n[webhooks.demo]\nagent = \"echo\"\nverify = \"none\"\nreply_url = \"{}\"\n",
+        agent_section("echo", &script_wake(&script, "")),
+        sink.url
+    );
+    let proxy = Proxy::start(&write_config(dir.path(), &Backend::Redis(redis.url()), [0, 0, 0], &body));
+
+    redis.pause();
+    let url = format!("http://{}/hooks/echo/demo", proxy.http);
+    let post = tokio::spawn(async move {
+        let response = reqwest::Client::new().post(url).body(r#"{"text":"wake up"}"#).send().await.unwrap();
+        response.status().as_u16()
+    });
+    let woken = eventually(Duration::from_secs(4), || async { (lines(&spawns) == 1).then_some(()) }).await;
+    let answered_while_frozen = post.is_finished();
+    redis.resume();
+
+    assert!(woken.is_some(), "the driver was not called while the event was being written; log:\n{}", proxy.log());
+    assert!(!answered_while_frozen, "the webhook was answered before its event was durable");
+    assert_eq!(post.await.unwrap(), 202);
+    let replies = sink.wait_for(1, Duration::from_secs(20)).await;
+    assert_eq!(replies.len(), 1, "the woken agent received the event; log:\n{}", proxy.log());
+    assert_eq!(lines(&spawns), 1, "one wake for the event");
+}
