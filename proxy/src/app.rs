@@ -264,8 +264,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         server_name: app.config.server.server_name.clone(),
         cert_sha256: Some(fingerprint),
     };
+    let wake_http = concierge_wakeup::http_client().map_err(|e| anyhow::anyhow!(e.message))?;
     for (runtime, rx) in inputs {
-        let driver = wake::driver(&runtime.config)
+        let driver = wake::driver(&runtime.config, &wake_http)
             .map_err(|e| anyhow::anyhow!("agent {}: wake driver: {}", runtime.id(), e.message))?;
         runners.push(wake::spawn(runtime, rx, driver, connect.clone(), metrics.clone()));
     }

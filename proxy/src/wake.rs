@@ -34,7 +34,11 @@ pub fn settings(config: &AgentConfig) -> Settings {
 }
 
 /// Builds the configured driver; `None` when the agent has no driver (it connects by itself).
-pub fn driver(config: &AgentConfig) -> Result<Option<Arc<dyn WakeDriver>>, concierge_wakeup::WakeError> {
+/// `http` is the one client every HTTP-based driver shares ([`concierge_wakeup::http_client`]).
+pub fn driver(
+    config: &AgentConfig,
+    http: &reqwest::Client,
+) -> Result<Option<Arc<dyn WakeDriver>>, concierge_wakeup::WakeError> {
     use concierge_wakeup::{ExecDriver, ExecOptions, FlyDriver, FlyOptions, HttpDriver, HttpOptions};
     Ok(match &config.wake.driver {
         DriverConfig::None => None,
@@ -48,6 +52,7 @@ pub fn driver(config: &AgentConfig) -> Result<Option<Arc<dyn WakeDriver>>, conci
             url: url.clone(),
             secret: secret.as_ref().map(|s| concierge_adapters::signature::secret_bytes(s.expose())),
             timeout: *timeout,
+            client: http.clone(),
         })?)),
         DriverConfig::Fly { api_base, app, machine, api_token, wait_timeout } => {
             Some(Arc::new(FlyDriver::new(FlyOptions {
@@ -56,6 +61,7 @@ pub fn driver(config: &AgentConfig) -> Result<Option<Arc<dyn WakeDriver>>, conci
                 machine: machine.clone(),
                 api_token: api_token.expose().to_string(),
                 wait_timeout: *wait_timeout,
+                client: http.clone(),
             })?))
         }
     })

@@ -42,6 +42,8 @@ pub struct FlyOptions {
     pub api_token: String,
     /// How long a wake or sleep waits for the machine to reach its state.
     pub wait_timeout: Duration,
+    /// From [`crate::http_client`], shared by every driver.
+    pub client: reqwest::Client,
 }
 
 impl fmt::Debug for FlyOptions {
@@ -103,18 +105,13 @@ impl FlyDriver {
         if opts.app.is_empty() || opts.machine.is_empty() {
             return Err(WakeError::permanent("fly driver: app and machine must be set"));
         }
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("concierge-wakeup/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|err| WakeError::permanent(format!("fly driver: cannot build client: {}", reqwest_error(err))))?;
         Ok(FlyDriver {
             base,
             app: opts.app,
             machine: opts.machine,
             token: opts.api_token,
             wait_timeout: opts.wait_timeout,
-            client,
+            client: opts.client,
         })
     }
 

@@ -28,6 +28,8 @@ pub struct HttpOptions {
     pub secret: Option<Vec<u8>>,
     /// Bound on the whole `wake` call, retries included.
     pub timeout: Duration,
+    /// From [`crate::http_client`], shared by every driver.
+    pub client: reqwest::Client,
 }
 
 impl fmt::Debug for HttpOptions {
@@ -83,13 +85,13 @@ impl HttpDriver {
         if opts.timeout.is_zero() {
             return Err(WakeError::permanent("http driver: timeout must be greater than zero"));
         }
-        let client = reqwest::Client::builder()
-            // A redirected POST silently turns into a GET: refuse instead.
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("concierge-wakeup/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|err| WakeError::permanent(format!("http driver: cannot build client: {}", reqwest_error(err))))?;
-        Ok(HttpDriver { shown_url: display_url(&url), url, secret: opts.secret, timeout: opts.timeout, client })
+        Ok(HttpDriver {
+            shown_url: display_url(&url),
+            url,
+            secret: opts.secret,
+            timeout: opts.timeout,
+            client: opts.client,
+        })
     }
 
     async fn attempt(&self, id: &str, body: &[u8], limit: Duration) -> Result<(), Failed> {

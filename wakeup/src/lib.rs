@@ -22,6 +22,7 @@ mod util;
 pub use exec::{ExecDriver, ExecOptions};
 pub use fly::{FlyDriver, FlyOptions};
 pub use http::{HttpDriver, HttpOptions};
+pub use util::http_client;
 
 /// Where and how the woken agent dials back in, handed to the driver so it can pass it on.
 #[derive(Debug, Clone, PartialEq, Eq)]

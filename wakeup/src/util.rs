@@ -2,6 +2,21 @@
 
 use std::error::Error as StdError;
 
+/// The HTTP client the `http` and `fly` drivers take. Build one and give it to every driver:
+/// its pool then lets the wakes of agents behind one orchestrator reuse keep-alive (and TLS)
+/// connections, where a client per driver opened a new connection for every wake (a
+/// 1,000-agent storm: 1,000 TCP handshakes) and kept its own TLS setup per agent.
+pub fn http_client() -> Result<reqwest::Client, crate::WakeError> {
+    reqwest::Client::builder()
+        // A redirected POST silently turns into a GET: refuse instead.
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("concierge-wakeup/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|err| {
+            crate::WakeError::permanent(format!("cannot build the wake drivers' HTTP client: {}", reqwest_error(err)))
+        })
+}
+
 /// Renders an error and its sources as one line ("a: b: c"), skipping repeated messages.
 pub(crate) fn error_chain(err: &(dyn StdError + 'static)) -> String {
     let mut out = err.to_string();

@@ -27,6 +27,7 @@ fn driver(fly: &FakeFly, machine: &str, token: &str, wait: Duration) -> FlyDrive
         machine: machine.to_string(),
         api_token: token.to_string(),
         wait_timeout: wait,
+        client: concierge_wakeup::http_client().expect("client"),
     })
     .expect("valid options")
 }
@@ -150,6 +151,7 @@ async fn unknown_machine_or_app_is_permanent() {
         machine: "m1".to_string(),
         api_token: TOKEN.to_string(),
         wait_timeout: Duration::from_secs(5),
+        client: concierge_wakeup::http_client().expect("client"),
     })
     .expect("valid options");
     let err = other_app.status("agent-1").await.expect_err("404");
@@ -192,6 +194,7 @@ async fn debug_output_redacts_the_token() {
         machine: "m1".to_string(),
         api_token: TOKEN.to_string(),
         wait_timeout: Duration::from_secs(60),
+        client: concierge_wakeup::http_client().expect("client"),
     };
     assert!(!format!("{opts:?}").contains(TOKEN));
     let d = FlyDriver::new(opts).expect("valid options");

@@ -55,8 +55,13 @@ async fn serve(script: Vec<(StatusCode, String)>) -> (String, Recorder) {
 }
 
 fn driver(url: &str, secret: Option<&[u8]>, timeout: Duration) -> HttpDriver {
-    HttpDriver::new(HttpOptions { url: url.to_string(), secret: secret.map(<[u8]>::to_vec), timeout })
-        .expect("valid options")
+    HttpDriver::new(HttpOptions {
+        url: url.to_string(),
+        secret: secret.map(<[u8]>::to_vec),
+        timeout,
+        client: concierge_wakeup::http_client().expect("client"),
+    })
+    .expect("valid options")
 }
 
 fn now() -> i64 {
@@ -195,8 +200,50 @@ async fn connection_refused_is_retryable() {
 #[tokio::test]
 async fn invalid_urls_are_rejected_at_construction() {
     for url in ["not a url", "ftp://example.com/wake"] {
-        let err = HttpDriver::new(HttpOptions { url: url.into(), secret: None, timeout: Duration::from_secs(1) })
-            .expect_err(url);
+        let err = HttpDriver::new(HttpOptions {
+            url: url.into(),
+            secret: None,
+            timeout: Duration::from_secs(1),
+            client: concierge_wakeup::http_client().expect("client"),
+        })
+        .expect_err(url);
         assert!(!err.retryable);
     }
+}
+
+/// Drivers built with one client share its keep-alive connections: agents woken through the
+/// same orchestrator do not each open a connection (what a client per driver did).
+#[tokio::test]
+async fn drivers_sharing_a_client_reuse_its_connections() {
+    use axum::extract::ConnectInfo;
+    use std::net::SocketAddr;
+    let peers: Arc<Mutex<Vec<SocketAddr>>> = Arc::default();
+    let seen = peers.clone();
+    let app = Router::new().route(
+        "/wake",
+        post(move |ConnectInfo(peer): ConnectInfo<SocketAddr>| async move {
+            seen.lock().expect("lock").push(peer);
+            "woken"
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}/wake", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await });
+
+    let client = concierge_wakeup::http_client().expect("client");
+    for agent in 0..5 {
+        let driver = HttpDriver::new(HttpOptions {
+            url: url.clone(),
+            secret: None,
+            timeout: Duration::from_secs(5),
+            client: client.clone(),
+        })
+        .expect("valid options");
+        let mut req = request();
+        req.agent = format!("agent-{agent}");
+        driver.wake(&req).await.expect("woken");
+    }
+    let peers = peers.lock().expect("lock").clone();
+    assert_eq!(peers.len(), 5, "one wake request per agent");
+    assert!(peers.iter().all(|p| *p == peers[0]), "every wake used the first connection: {peers:?}");
 }
