@@ -161,9 +161,9 @@ async fn inbox(listen: SocketAddr) -> anyhow::Result<()> {
 
 /// glibc's malloc gives the free top of each thread's heap back to the kernel once 128 KiB of
 /// it is free, then takes it back on the next burst with `mprotect` and freshly zeroed pages.
-/// Under a storm of wakes that churn (`sysmalloc`, `mprotect`, page faults) was about a fifth
-/// of the proxy's CPU. Keeping up to 64 MiB of freed top per heap, and growing 16 MiB at a
-/// time, bounds the resident cost and removes the churn (BENCHMARKS.md, session 6).
+/// Under a storm of wakes that churn (`sysmalloc` with its `mprotect` and page faults) was
+/// over a tenth of the proxy's CPU. Keeping up to 64 MiB of freed top per heap, and growing
+/// 16 MiB at a time, bounds the resident cost and removes the churn (BENCHMARKS.md, session 6).
 fn keep_freed_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: `mallopt` only sets allocator parameters; it runs before any other thread exists.
