@@ -22,12 +22,17 @@ fn script_wake(script: &str, extra: &str) -> String {
 }
 
 async fn start(dir: &Path, wake: &str, sink: &Sink) -> Proxy {
+    start_on(dir, &Backend::Embedded, wake, sink)
+}
+
+/// Agent `echo` with route `demo`, whose replies go to `sink`, on `backend`.
+fn start_on(dir: &Path, backend: &Backend, wake: &str, sink: &Sink) -> Proxy {
     let body = format!(
         "{}\n[webhooks.demo]\nagent = \"echo\"\nverify = \"none\"\nreply_url = \"{}\"\n",
         agent_section("echo", wake),
         sink.url
     );
-    Proxy::start(&write_config(dir, &Backend::Embedded, [0, 0, 0], &body))
+    Proxy::start(&write_config(dir, backend, [0, 0, 0], &body))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -159,12 +164,7 @@ async fn the_wake_starts_while_its_event_is_still_being_written() {
     let spawns = dir.path().join("spawns");
     let script = format!("echo x >> {}; exec \"$CONCIERGE_BIN\" agent echo", spawns.display());
     let sink = Sink::start().await;
-    let body = format!(
-        "{}\n[webhooks.demo]\nagent = \"echo\"\nverify = \"none\"\nreply_url = \"{}\"\n",
-        agent_section("echo", &script_wake(&script, "")),
-        sink.url
-    );
-    let proxy = Proxy::start(&write_config(dir.path(), &Backend::Redis(redis.url()), [0, 0, 0], &body));
+    let proxy = start_on(dir.path(), &Backend::Redis(redis.url()), &script_wake(&script, ""), &sink);
 
     redis.pause();
     let url = format!("http://{}/hooks/echo/demo", proxy.http);
