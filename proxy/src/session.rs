@@ -179,7 +179,9 @@ async fn deliver(
     let (acks, acks_rx) = watch::channel(position.cursor);
     let result = stream_events(app, agent, session, window, ahead, send, reader, drain, &acks, acks_rx).await;
     let latest = *acks.borrow();
-    if latest > position.cursor {
+    // Usually the companion persisted it already: writing the same cursor again would double
+    // the store's ack work per session (a whole script call per woken agent in a storm).
+    if latest > position.cursor.max(agent.cursor()) {
         match app.store.ack(agent.id(), latest).await {
             Ok(cursor) => agent.acked(cursor),
             Err(e) => {

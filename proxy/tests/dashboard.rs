@@ -480,6 +480,33 @@ async fn metrics_parse_and_move_as_events_flow() {
     );
 }
 
+/// A session writes each ack to the store once: the companion persists acks as they come,
+/// and the flush when the session ends skips a cursor already written (it used to write it
+/// again: one store script call more per session, a thousand in a wake storm).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_writes_each_ack_to_the_store_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!("{}\n{}", self_connecting_agent("m"), webhook_route("hook", "m", ""));
+    let proxy = Proxy::start(&write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &body));
+    for i in 0..3 {
+        assert_eq!(proxy.post("m", "hook", &format!(r#"{{"n":{i}}}"#), None).await.0, 202);
+    }
+    let mut client = proxy.connect("m").await;
+    let events = receive_n_unacked(&mut client, 3, Duration::from_secs(10)).await;
+    client.ack(events[2].offset);
+    let persisted =
+        eventually(Duration::from_secs(10), || async { (proxy.agent("m").await["cursor"] == 3).then_some(()) }).await;
+    assert!(persisted.is_some(), "the ack never reached the store");
+    client.close().await;
+    let ended =
+        eventually(Duration::from_secs(10), || async { (proxy.agent("m").await["connected"] == false).then_some(()) })
+            .await;
+    assert!(ended.is_some(), "the session never ended");
+    let s = scrape(&proxy).await;
+    assert_eq!(value(&s, "concierge_store_command_duration_seconds_count", &[("op", "ack")]), 1.0);
+    assert_eq!(proxy.agent("m").await["cursor"], 3);
+}
+
 // ---------------------------------------------------------------------------------------
 // Delivery attempts, durable audit log, live store warnings
 
