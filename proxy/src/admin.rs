@@ -776,7 +776,7 @@ async fn redeliver(State(admin): State<Arc<Admin>>, Path(id): Path<String>, Json
     match app.store.rewind(&id, body.from - 1).await {
         Ok(cursor) => {
             agent.rewound(cursor);
-            agent.close_session("delivery position changed by an operator");
+            agent.moved_by_operator();
             admin.record("redeliver", &id, detail, &Ok(())).await;
             Json(json!({ "agent": id, "cursor": cursor })).into_response()
         }
@@ -895,7 +895,7 @@ async fn drop_events(State(admin): State<Arc<Admin>>, Path(id): Path<String>, Js
                 agent.acked(p.cursor);
             }
             if dropped > 0 {
-                agent.close_session("delivery position changed by an operator");
+                agent.moved_by_operator();
             }
             admin.record("drop", &id, format!("{detail} ({dropped} events)"), &Ok(())).await;
             Json(json!({ "agent": id, "dropped": dropped, "complete": complete })).into_response()
@@ -927,7 +927,7 @@ async fn drop_prefix(
         Ok(cursor) => {
             agent.acked(cursor);
             if count > 0 {
-                agent.close_session("delivery position changed by an operator");
+                agent.moved_by_operator();
             }
             admin.record("drop", id, detail, &Ok(())).await;
             Json(json!({ "agent": id, "dropped": count, "cursor": cursor })).into_response()

@@ -268,7 +268,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     for (runtime, rx) in inputs {
         let driver = wake::driver(&runtime.config, &wake_http)
             .map_err(|e| anyhow::anyhow!("agent {}: wake driver: {}", runtime.id(), e.message))?;
-        runners.push(wake::spawn(runtime, rx, driver, connect.clone(), metrics.clone()));
+        runners.push(wake::spawn(runtime, rx, driver, connect.clone(), metrics.clone(), app.store.clone()));
     }
     for name in app.config.webhooks.keys() {
         metrics.connection_state("webhook", name, "listening");

@@ -49,6 +49,8 @@ pub struct AgentRuntime {
     asleep: AtomicBool,
     session: Mutex<Option<SessionControl>>,
     session_closed: watch::Sender<u64>,
+    /// The next session's start, read from the store while the agent wakes.
+    pub warm_start: crate::warm_start::Slot,
     /// Operator pause: sessions deliver nothing while true (the agent may stay connected).
     paused: watch::Sender<bool>,
     /// Highest offset delivered by this process (tells redeliveries apart for metrics).
@@ -159,6 +161,7 @@ impl AgentRuntime {
             asleep: AtomicBool::new(true),
             session: Mutex::new(None),
             session_closed: watch::channel(0).0,
+            warm_start: Default::default(),
             paused: watch::channel(false).0,
             delivered_up_to: AtomicU64::new(0),
             deliveries: Mutex::new(Deliveries::default()),
@@ -355,6 +358,13 @@ impl AgentRuntime {
             }
             None => false,
         }
+    }
+
+    /// An operator rewound or dropped events: a prepared start or a live session would go on
+    /// from the old position, so both are dropped (the agent reconnects and replays).
+    pub fn moved_by_operator(&self) {
+        self.warm_start.discard();
+        self.close_session("delivery position changed by an operator");
     }
 
     /// Closes the current session (shutdown, or a drain the agent ignored).

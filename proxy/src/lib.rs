@@ -13,6 +13,7 @@ pub mod otlp;
 pub mod outbound;
 pub mod session;
 pub mod wake;
+pub mod warm_start;
 
 /// The example echo agent (the same code as `protocol/examples/echo.rs`), so the binary can
 /// run it and a quickstart wake takes milliseconds, not a compile.

@@ -8,6 +8,7 @@ use std::time::Duration;
 use concierge_protocol::frame::{SUPPORTED_VERSIONS, encode_into};
 use concierge_protocol::io::{FrameReader, IoError, write_encoded, write_frame};
 use concierge_protocol::{EventRecord, RejectCode, SendResult, ToAgent, ToProxy};
+use concierge_store::Position;
 use tokio::sync::watch;
 use tracing::Instrument as _;
 
@@ -92,6 +93,9 @@ async fn connection(app: Arc<App>, conn: quinn::Connection) {
         // Without the store the session delivers nothing and drops acks: close it so the agent
         // reconnects (and resumes from the durable cursor) instead of idling on a dead session.
         Err(SessionError::Store(_)) => conn.close(6u32.into(), b"event store unavailable; reconnect"),
+        // The agent may hold events it would otherwise not have been sent: it reconnects and
+        // resumes from the store's position.
+        Err(SessionError::Moved(_)) => conn.close(7u32.into(), b"log position moved; reconnect"),
         _ => {}
     }
     agent.detach(id);
@@ -134,6 +138,9 @@ enum SessionError {
     Io(String),
     #[error("store: {0}")]
     Store(#[from] concierge_store::StoreError),
+    /// A warm start's position went stale before the agent connected.
+    #[error("log position moved: {0}")]
+    Moved(String),
 }
 
 impl From<IoError> for SessionError {
@@ -159,16 +166,7 @@ async fn deliver(
     reader: &mut FrameReader,
     drain: watch::Receiver<bool>,
 ) -> Result<(), SessionError> {
-    // The first reads start from the cursor this process knows, alongside the store's answer:
-    // a woken agent's first event then costs one store round trip, not two. A different
-    // authoritative cursor (another replica acked, an operator moved it) discards them.
-    let known = agent.cursor();
-    let mut ahead = ReadAhead::new(known);
-    ahead.start_reads(app, agent.id(), agent.head());
-    let position = app.store.position(agent.id()).await?;
-    if position.cursor != known {
-        ahead = ReadAhead::new(position.cursor);
-    }
+    let Start { position, ahead, check } = start(app, agent).await?;
     let welcome = ToAgent::Welcome {
         session: format!("{session:x}"),
         epoch: position.epoch,
@@ -177,7 +175,8 @@ async fn deliver(
     };
     write_frame(send, &welcome).await?;
     let (acks, acks_rx) = watch::channel(position.cursor);
-    let result = stream_events(app, agent, session, window, ahead, send, reader, drain, &acks, acks_rx).await;
+    let result =
+        stream_events(app, agent, session, window, position, ahead, check, send, reader, drain, &acks, acks_rx).await;
     let latest = *acks.borrow();
     // Usually the companion persisted it already: writing the same cursor again would double
     // the store's ack work per session (a whole script call per woken agent in a storm).
@@ -192,20 +191,69 @@ async fn deliver(
     result
 }
 
+/// Where a session starts: what its Welcome states, the events already in hand and, for a
+/// warm start, the store's own answer still to come, which must agree with it.
+struct Start {
+    position: Position,
+    ahead: ReadAhead,
+    check: Option<tokio::task::JoinHandle<Result<Position, concierge_store::StoreError>>>,
+}
+
+/// A woken agent starts from what was read while it booted ([`crate::warm_start`]): no store
+/// round trip before its first event; the store's position is checked alongside delivery.
+/// Otherwise the first reads start from the cursor this process knows, alongside the store's
+/// answer, so the first event costs one store round trip, not two; a different authoritative
+/// cursor (another replica acked, an operator moved it) discards them.
+async fn start(app: &App, agent: &AgentRuntime) -> Result<Start, SessionError> {
+    let known = agent.cursor();
+    if let Some(warm) = agent.warm_start.take(known) {
+        let (store, id) = (app.store.clone(), agent.id().to_string());
+        let check = tokio::spawn(async move { store.position(&id).await });
+        // Events stored since the wake began are tailed like any others.
+        let position = Position { head: warm.position.head.max(agent.head()), ..warm.position };
+        return Ok(Start {
+            position,
+            ahead: ReadAhead::holding(warm.position.cursor, warm.events),
+            check: Some(check),
+        });
+    }
+    let mut ahead = ReadAhead::new(known);
+    ahead.start_reads(app, agent.id(), agent.head());
+    let position = app.store.position(agent.id()).await?;
+    if position.cursor != known {
+        ahead = ReadAhead::new(position.cursor);
+    }
+    Ok(Start { position, ahead, check: None })
+}
+
+/// A warm start stated `stated`; the store answered `answer`. They must agree on the epoch and
+/// the cursor, which may also be this session's own latest persisted ack.
+fn agrees(stated: Position, answer: Position, persisted: u64) -> Result<(), SessionError> {
+    if answer.epoch == stated.epoch && (answer.cursor == stated.cursor || answer.cursor == persisted) {
+        return Ok(());
+    }
+    Err(SessionError::Moved(format!(
+        "the session started at epoch {} cursor {} but the store says epoch {} cursor {}",
+        stated.epoch, stated.cursor, answer.epoch, answer.cursor
+    )))
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn stream_events(
     app: &App,
     agent: &AgentRuntime,
     session: u64,
     window: u32,
+    start: Position,
     mut ahead: ReadAhead,
+    mut check: Option<tokio::task::JoinHandle<Result<Position, concierge_store::StoreError>>>,
     send: &mut quinn::SendStream,
     reader: &mut FrameReader,
     mut drain: watch::Receiver<bool>,
     acks: &watch::Sender<u64>,
     acks_rx: watch::Receiver<u64>,
 ) -> Result<(), SessionError> {
-    let mut acked = ahead.read_to;
+    let mut acked = start.cursor;
     let mut sent = acked;
     // The agent's initial credit, capped by the configured window (a bound on proxy memory).
     let cap = u64::from(agent.config.window.max(1));
@@ -245,6 +293,11 @@ async fn stream_events(
         }
         tokio::select! {
             read = ahead.finished(), if ahead.reading() => ahead.arrived(read?, sent),
+            answer = async { check.as_mut().expect("polled only while set").await }, if check.is_some() => {
+                check = None;
+                let answer = answer.map_err(|e| SessionError::Io(format!("store position task failed: {e}")))??;
+                agrees(start, answer, agent.cursor())?;
+            }
             frame = reader.next::<ToProxy>() => match frame? {
                 Some(ToProxy::Credit { window: w }) => window = u64::from(w).clamp(1, cap),
                 Some(ToProxy::Ack { up_to }) => {
@@ -325,6 +378,12 @@ impl Drop for ReadAhead {
 impl ReadAhead {
     fn new(cursor: u64) -> Self {
         Self { ready: Default::default(), read_to: cursor, reading: Default::default() }
+    }
+
+    /// Starts with `events` (read earlier, in offset order, the first one after `cursor`) in hand.
+    fn holding(cursor: u64, events: Vec<EventRecord>) -> Self {
+        let read_to = events.last().map_or(cursor, |e| e.offset);
+        Self { ready: events.into(), read_to, reading: Default::default() }
     }
 
     fn reading(&self) -> bool {

@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use crate::fleet::{AgentRuntime, LifecycleView};
 use crate::lifecycle::{Action, DriverFailure, Input, Lifecycle, Policy, Settings, State};
 use crate::metrics::Metrics;
+use concierge_store::Store;
 
 /// How long a drained agent gets to disconnect before its session is closed.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
@@ -74,12 +75,13 @@ pub fn spawn(
     driver: Option<Arc<dyn WakeDriver>>,
     connect: ConnectInfo,
     metrics: Arc<Metrics>,
+    store: Arc<dyn Store>,
 ) -> tokio::task::JoinHandle<()> {
     let mut machine = Lifecycle::new(settings(&agent.config), agent.pending() > 0);
     let loopback = agent.clone();
     tokio::spawn(async move {
         let actions = machine.start(Instant::now());
-        perform(&agent, &driver, &connect, actions);
+        perform(&agent, &driver, &connect, &store, actions);
         publish(&agent, &machine, &metrics);
         loop {
             let deadline = machine.deadline();
@@ -88,7 +90,7 @@ pub fn spawn(
                 _ = sleep_until(deadline) => Input::Timer,
             };
             let actions = machine.handle(input, Instant::now());
-            perform(&loopback, &driver, &connect, actions);
+            perform(&loopback, &driver, &connect, &store, actions);
             publish(&agent, &machine, &metrics);
         }
     })
@@ -121,11 +123,13 @@ fn perform(
     agent: &Arc<AgentRuntime>,
     driver: &Option<Arc<dyn WakeDriver>>,
     connect: &ConnectInfo,
+    store: &Arc<dyn Store>,
     actions: Vec<Action>,
 ) {
     for action in actions {
         let agent = agent.clone();
         let driver = driver.clone();
+        let store = store.clone();
         match action {
             Action::CallDriver { attempt } => {
                 let request = WakeRequest {
@@ -143,6 +147,9 @@ fn perform(
                             retryable: false,
                         }),
                         Some(d) => {
+                            // Read while the agent boots, so its Hello is answered from memory.
+                            let hold = agent.config.wake.connect_timeout;
+                            tokio::spawn(crate::warm_start::prepare(agent.clone(), store, hold));
                             agent.input(Input::DriverCalled { at: Instant::now() });
                             match tokio::time::timeout(cap, d.wake(&request)).await {
                                 Ok(Ok(())) => Ok(()),
@@ -261,7 +268,10 @@ mod tests {
         let (runtime, inputs) = agent("50ms");
         let driver = Arc::new(StopDoesNotStick::default());
         let connect = ConnectInfo { addr: "127.0.0.1:1".into(), server_name: "localhost".into(), cert_sha256: None };
-        let runner = spawn(runtime.clone(), inputs, Some(driver.clone()), connect, Arc::new(Metrics::new(0)));
+        let dir = tempfile::tempdir().unwrap();
+        let store = concierge_store::SqliteStore::open(&dir.path().join("store.db"), Default::default()).unwrap();
+        let metrics = Arc::new(Metrics::new(0));
+        let runner = spawn(runtime.clone(), inputs, Some(driver.clone()), connect, metrics, Arc::new(store));
         runtime.input(Input::Connected { at: Instant::now() });
         runtime.input(Input::Idle); // nothing pending: the runner puts the agent to sleep
 
