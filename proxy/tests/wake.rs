@@ -183,3 +183,120 @@ async fn the_wake_starts_while_its_event_is_still_being_written() {
     assert_eq!(replies.len(), 1, "the woken agent received the event; log:\n{}", proxy.log());
     assert_eq!(lines(&spawns), 1, "one wake for the event");
 }
+
+// ---------------------------------------------------------------------------------------
+// Warm start: what a woken agent gets first is read while it boots
+
+/// A proxy on its own Redis whose driver only records each wake: the test is the agent.
+fn waking_proxy(dir: &Path, redis: &Redis, sink: &Sink, policy: &str) -> (Proxy, std::path::PathBuf) {
+    let spawns = dir.join("spawns");
+    let script = format!("echo x >> {}; exec sleep 30", spawns.display());
+    let extra = format!("connect_timeout = \"30s\"\npolicy = \"{policy}\"");
+    let proxy = start_on(dir, &Backend::Redis(redis.url()), &script_wake(&script, &extra), sink);
+    (proxy, spawns)
+}
+
+/// Posts `n` events, waits for the one wake and for the start prepared during it (its store
+/// read is the only one before a session).
+async fn wake_with(proxy: &Proxy, spawns: &Path, n: usize) {
+    for i in 1..=n {
+        assert_eq!(proxy.post("echo", "demo", &format!(r#"{{"text":"m{i}"}}"#), None).await.0, 202);
+    }
+    let woken = eventually(Duration::from_secs(5), || async { (lines(spawns) == 1).then_some(()) }).await;
+    assert!(woken.is_some(), "no wake; log:\n{}", proxy.log());
+    let prepared =
+        eventually(Duration::from_secs(5), || async { (store_reads(proxy).await >= 1.0).then_some(()) }).await;
+    assert!(prepared.is_some(), "the wake read nothing ahead; log:\n{}", proxy.log());
+}
+
+async fn store_reads(proxy: &Proxy) -> f64 {
+    let text = reqwest::get(format!("http://{}/metrics", proxy.admin)).await.unwrap().text().await.unwrap();
+    text.lines()
+        .find(|l| l.starts_with("concierge_store_command_duration_seconds_count{op=\"read\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The woken agent's Hello is answered, and its first event delivered, from what the proxy
+/// read while the agent booted: here Redis is frozen when the agent connects.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_woken_agent_gets_its_first_event_without_waiting_for_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start();
+    let sink = Sink::start().await;
+    let (proxy, spawns) = waking_proxy(dir.path(), &redis, &sink, "immediate");
+    wake_with(&proxy, &spawns, 1).await;
+
+    redis.pause();
+    let first = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut client = proxy.connect("echo").await;
+        let event = client.next().await;
+        (client, event)
+    })
+    .await;
+    redis.resume();
+    let (client, event) = first.expect("no Welcome and first event while the store was frozen");
+    let event = event.unwrap().unwrap();
+    assert_eq!((event.offset, event.data.text.as_deref()), (1, Some("m1")));
+    // The store agrees with the prepared start: the session carries on and the ack lands.
+    client.ack(1);
+    let acked =
+        eventually(Duration::from_secs(10), || async { (proxy.agent("echo").await["cursor"] == 1).then_some(()) })
+            .await;
+    assert!(acked.is_some(), "the ack never reached the store; log:\n{}", proxy.log());
+    assert_eq!(client.welcome().cursor, 0, "no reconnect: still the first session");
+    assert!(!proxy.log().contains("log position moved"), "log:\n{}", proxy.log());
+}
+
+/// A prepared start that went stale before the agent connected (another replica's ack, here
+/// written straight into Redis) ends its session as soon as the store answers; the agent
+/// reconnects and resumes from the store's cursor.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stale_warm_start_is_corrected_by_a_reconnect_from_the_stores_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start();
+    let sink = Sink::start().await;
+    let (proxy, spawns) = waking_proxy(dir.path(), &redis, &sink, "immediate");
+    wake_with(&proxy, &spawns, 3).await;
+    let moved = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "HSET", "c:{echo}:meta", "cursor", "2"])
+        .output()
+        .expect("redis-cli runs");
+    assert!(moved.status.success());
+
+    let mut client = proxy.connect("echo").await;
+    assert_eq!(client.welcome().cursor, 0, "the prepared start states the cursor of the wake");
+    let first = tokio::time::timeout(Duration::from_secs(5), client.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(first.offset, 1);
+    let corrected =
+        eventually(Duration::from_secs(10), || async { (client.welcome().cursor == 2).then_some(()) }).await;
+    assert!(corrected.is_some(), "the session was not restarted from the store's cursor; log:\n{}", proxy.log());
+    assert!(proxy.log().contains("log position moved"), "log:\n{}", proxy.log());
+}
+
+/// An operator's drop between the wake and the agent's Hello discards the prepared start:
+/// the dropped event is never delivered. (Coalesced, so all three events are stored when the
+/// wake reads ahead, and the drop leaves the cursor where it was.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drop_while_the_agent_boots_is_respected() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start();
+    let sink = Sink::start().await;
+    let (proxy, spawns) = waking_proxy(dir.path(), &redis, &sink, "coalesce(500ms)");
+    wake_with(&proxy, &spawns, 3).await;
+    let dropped = reqwest::Client::new()
+        .post(format!("http://{}/api/agents/echo/drop", proxy.admin))
+        .json(&serde_json::json!({ "offsets": [2] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(dropped.status().as_u16(), 200);
+
+    let mut client = proxy.connect("echo").await;
+    let mut offsets = Vec::new();
+    for _ in 0..2 {
+        let e = tokio::time::timeout(Duration::from_secs(5), client.next()).await.unwrap().unwrap().unwrap();
+        offsets.push(e.offset);
+    }
+    assert_eq!(offsets, [1, 3], "the dropped event was delivered");
+}
