@@ -187,26 +187,27 @@ async fn the_wake_starts_while_its_event_is_still_being_written() {
 // ---------------------------------------------------------------------------------------
 // Warm start: what a woken agent gets first is read while it boots
 
-/// A proxy on its own Redis whose driver only records each wake: the test is the agent.
-fn waking_proxy(dir: &Path, redis: &Redis, sink: &Sink, policy: &str) -> (Proxy, std::path::PathBuf) {
-    let spawns = dir.join("spawns");
+/// A proxy on its own Redis whose agent `echo` was just woken for `n` events, with the start
+/// prepared during that wake. The driver only records the wake: the test is the agent. (The
+/// temp dir, Redis and reply sink must outlive the proxy.)
+async fn woken(policy: &str, n: usize) -> (tempfile::TempDir, Redis, Sink, Proxy) {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start();
+    let sink = Sink::start().await;
+    let spawns = dir.path().join("spawns");
     let script = format!("echo x >> {}; exec sleep 30", spawns.display());
     let extra = format!("connect_timeout = \"30s\"\npolicy = \"{policy}\"");
-    let proxy = start_on(dir, &Backend::Redis(redis.url()), &script_wake(&script, &extra), sink);
-    (proxy, spawns)
-}
-
-/// Posts `n` events, waits for the one wake and for the start prepared during it (its store
-/// read is the only one before a session).
-async fn wake_with(proxy: &Proxy, spawns: &Path, n: usize) {
+    let proxy = start_on(dir.path(), &Backend::Redis(redis.url()), &script_wake(&script, &extra), &sink);
     for i in 1..=n {
         assert_eq!(proxy.post("echo", "demo", &format!(r#"{{"text":"m{i}"}}"#), None).await.0, 202);
     }
-    let woken = eventually(Duration::from_secs(5), || async { (lines(spawns) == 1).then_some(()) }).await;
+    let woken = eventually(Duration::from_secs(5), || async { (lines(&spawns) == 1).then_some(()) }).await;
     assert!(woken.is_some(), "no wake; log:\n{}", proxy.log());
+    // The wake's read ahead is the only store read before a session.
     let prepared =
-        eventually(Duration::from_secs(5), || async { (store_reads(proxy).await >= 1.0).then_some(()) }).await;
+        eventually(Duration::from_secs(5), || async { (store_reads(&proxy).await >= 1.0).then_some(()) }).await;
     assert!(prepared.is_some(), "the wake read nothing ahead; log:\n{}", proxy.log());
+    (dir, redis, sink, proxy)
 }
 
 async fn store_reads(proxy: &Proxy) -> f64 {
@@ -221,11 +222,7 @@ async fn store_reads(proxy: &Proxy) -> f64 {
 /// read while the agent booted: here Redis is frozen when the agent connects.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_woken_agent_gets_its_first_event_without_waiting_for_the_store() {
-    let dir = tempfile::tempdir().unwrap();
-    let redis = Redis::start();
-    let sink = Sink::start().await;
-    let (proxy, spawns) = waking_proxy(dir.path(), &redis, &sink, "immediate");
-    wake_with(&proxy, &spawns, 1).await;
+    let (_dir, redis, _sink, proxy) = woken("immediate", 1).await;
 
     redis.pause();
     let first = tokio::time::timeout(Duration::from_secs(5), async {
@@ -253,11 +250,7 @@ async fn a_woken_agent_gets_its_first_event_without_waiting_for_the_store() {
 /// reconnects and resumes from the store's cursor.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stale_warm_start_is_corrected_by_a_reconnect_from_the_stores_cursor() {
-    let dir = tempfile::tempdir().unwrap();
-    let redis = Redis::start();
-    let sink = Sink::start().await;
-    let (proxy, spawns) = waking_proxy(dir.path(), &redis, &sink, "immediate");
-    wake_with(&proxy, &spawns, 3).await;
+    let (_dir, redis, _sink, proxy) = woken("immediate", 3).await;
     let moved = std::process::Command::new("redis-cli")
         .args(["-p", &redis.port.to_string(), "HSET", "c:{echo}:meta", "cursor", "2"])
         .output()
@@ -279,11 +272,7 @@ async fn a_stale_warm_start_is_corrected_by_a_reconnect_from_the_stores_cursor()
 /// wake reads ahead, and the drop leaves the cursor where it was.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_drop_while_the_agent_boots_is_respected() {
-    let dir = tempfile::tempdir().unwrap();
-    let redis = Redis::start();
-    let sink = Sink::start().await;
-    let (proxy, spawns) = waking_proxy(dir.path(), &redis, &sink, "coalesce(500ms)");
-    wake_with(&proxy, &spawns, 3).await;
+    let (_dir, _redis, _sink, proxy) = woken("coalesce(500ms)", 3).await;
     let dropped = reqwest::Client::new()
         .post(format!("http://{}/api/agents/echo/drop", proxy.admin))
         .json(&serde_json::json!({ "offsets": [2] }))
