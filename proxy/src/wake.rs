@@ -5,13 +5,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use concierge_config::{AgentConfig, DriverConfig, WakePolicy};
+use concierge_store::Store;
 use concierge_wakeup::{ConnectInfo, DriverStatus, WakeDriver, WakeRequest};
 use tokio::sync::mpsc;
 
 use crate::fleet::{AgentRuntime, LifecycleView};
 use crate::lifecycle::{Action, DriverFailure, Input, Lifecycle, Policy, Settings, State};
 use crate::metrics::Metrics;
-use concierge_store::Store;
 
 /// How long a drained agent gets to disconnect before its session is closed.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
