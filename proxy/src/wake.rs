@@ -129,9 +129,9 @@ fn perform(
     for action in actions {
         let agent = agent.clone();
         let driver = driver.clone();
-        let store = store.clone();
         match action {
             Action::CallDriver { attempt } => {
+                let store = store.clone();
                 let request = WakeRequest {
                     agent: agent.id().to_string(),
                     reason: if attempt == 1 { "events pending".into() } else { format!("retry {attempt}") },

@@ -123,14 +123,21 @@ async fn read(agent: &AgentRuntime, store: &dyn Store) -> Option<WarmStart> {
     }
     let position = store.position(agent.id()).await.ok()?;
     let mut events = store.read_records(agent.id(), position.cursor, MAX_EVENTS).await.ok()?;
-    let mut bytes = 0;
-    let fit = events.iter().take_while(|e| {
-        bytes += e.record.len();
-        bytes <= MAX_BYTES
-    });
-    let fit = fit.count();
-    events.truncate(fit);
+    events.truncate(within(&events, MAX_BYTES));
     Some(WarmStart { position, events, prepared_at: Instant::now() })
+}
+
+/// How many of `events`, from the front, hold at most `budget` record bytes (possibly none:
+/// unlike a delivery batch, a prepared start never exceeds its bound).
+fn within(events: &[EventRecord], budget: usize) -> usize {
+    let mut bytes = 0;
+    events
+        .iter()
+        .take_while(|e| {
+            bytes += e.record.len();
+            bytes <= budget
+        })
+        .count()
 }
 
 /// Poisoning only follows a panic elsewhere; the slot is still consistent.
@@ -141,6 +148,23 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn record(offset: u64, bytes: usize) -> EventRecord {
+        EventRecord { offset, received_at_ms: 0, record: vec![0; bytes] }
+    }
+
+    #[test]
+    fn a_prepared_start_never_holds_more_than_its_byte_bound() {
+        let kib = |n: usize| (1..=n as u64).map(|o| record(o, 1024)).collect::<Vec<_>>();
+        assert_eq!(within(&kib(64), MAX_BYTES), 16, "16 KiB of 1 KiB records");
+        assert_eq!(within(&kib(3), MAX_BYTES), 3);
+        assert_eq!(
+            within(&[record(1, MAX_BYTES + 1), record(2, 10)], MAX_BYTES),
+            0,
+            "a first event over the bound: none"
+        );
+        assert_eq!(within(&[], MAX_BYTES), 0);
+    }
 
     fn warm(cursor: u64) -> WarmStart {
         WarmStart {
