@@ -93,7 +93,9 @@ async fn peers(ctx: &Context, p: &Params, key: &[u8], report: &mut Report) -> an
         }
         Some(nginx) => {
             eprintln!("ingest: same load against nginx (static 200) at {} ...", nginx.addr);
+            let steal = super::StealMeter::start();
             let r = load(nginx.addr, &["/hooks/peer/in0".to_string()], key, p, 200).await;
+            steal.finish(report, "nginx_");
             drop(nginx);
             let r = r.context("loading nginx")?;
             let secs = p.duration.as_secs_f64();

@@ -232,6 +232,71 @@ pub fn machine() -> Machine {
     Machine { cores, model }
 }
 
+/// Share of CPU time the hypervisor gave to other guests (`steal` in `/proc/stat`) during a
+/// phase: on a shared VM this is what makes two runs of the same binary disagree, so every
+/// report states it rather than leaving the reader to guess.
+pub struct StealMeter {
+    before: Option<CpuTicks>,
+}
+
+/// Above this share of stolen CPU a run's figures say more about the host than about us.
+const STEAL_WARNING: f64 = 0.05;
+
+impl StealMeter {
+    /// Starts measuring (nothing is recorded where `/proc/stat` cannot be read).
+    pub fn start() -> StealMeter {
+        StealMeter { before: read_cpu_ticks() }
+    }
+
+    /// Adds `<phase>steal_share`, and a note when the host took more than 5%.
+    pub fn finish(self, report: &mut Report, phase: &str) {
+        if let Some(after) = read_cpu_ticks() {
+            self.finish_with(report, phase, after);
+        }
+    }
+
+    fn finish_with(self, report: &mut Report, phase: &str, after: CpuTicks) {
+        let Some(before) = self.before else { return };
+        let Some(share) = steal_share(before, after) else { return };
+        report.figure(&format!("{phase}steal_share"), share, "ratio");
+        if share > STEAL_WARNING {
+            let during = if phase.is_empty() {
+                String::new()
+            } else {
+                format!(" during the {} phase", phase.trim_end_matches('_'))
+            };
+            report.notes.push(format!(
+                "the hypervisor took {:.0}% of this machine's CPU{during} (steal): figures of this run are not comparable with a quiet run",
+                share * 100.0
+            ));
+        }
+    }
+}
+
+/// Cumulative (steal, all) jiffies of the whole machine.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct CpuTicks {
+    steal: u64,
+    total: u64,
+}
+
+fn read_cpu_ticks() -> Option<CpuTicks> {
+    parse_cpu_ticks(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+/// Parses the aggregate `cpu` line: user nice system idle iowait irq softirq steal [guest..].
+/// Guest time is already counted in user and nice, so only the first eight fields add up.
+fn parse_cpu_ticks(stat: &str) -> Option<CpuTicks> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let fields: Vec<u64> = line.split_whitespace().skip(1).take(8).map(|f| f.parse().ok()).collect::<Option<_>>()?;
+    (fields.len() == 8).then(|| CpuTicks { steal: fields[7], total: fields.iter().sum() })
+}
+
+fn steal_share(before: CpuTicks, after: CpuTicks) -> Option<f64> {
+    let total = after.total.checked_sub(before.total).filter(|&t| t > 0)?;
+    Some(after.steal.saturating_sub(before.steal) as f64 / total as f64)
+}
+
 /// A fresh histogram of microseconds (1 µs .. 1 h, 3 significant digits).
 pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
@@ -284,6 +349,36 @@ pub async fn bounded<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn steal_is_the_share_of_all_cpu_time_between_two_readings() {
+        let before = parse_cpu_ticks("cpu  100 0 50 800 0 0 0 50 7 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n").unwrap();
+        assert_eq!(before, CpuTicks { steal: 50, total: 1000 });
+        let after = parse_cpu_ticks("cpu  200 0 100 1500 0 0 0 200 0 0\n").unwrap();
+        assert_eq!(steal_share(before, after), Some(0.15));
+        assert_eq!(steal_share(after, after), None, "no time passed: no share");
+        assert_eq!(parse_cpu_ticks("cpu  1 2 3\n"), None, "a kernel without a steal field");
+    }
+
+    #[test]
+    fn a_run_with_much_steal_says_so() {
+        let ctx_free = |share: f64| {
+            let mut r =
+                Report { scenario: "t", parameters: Map::new(), figures: vec![], notes: vec![], histograms: vec![] };
+            let before = CpuTicks { steal: 0, total: 0 };
+            StealMeter { before: Some(before) }.finish_with(
+                &mut r,
+                "nginx_",
+                CpuTicks { steal: (share * 1000.0) as u64, total: 1000 },
+            );
+            r
+        };
+        let quiet = ctx_free(0.01);
+        assert_eq!(quiet.figures[0].name, "nginx_steal_share");
+        assert!(quiet.notes.is_empty());
+        let noisy = ctx_free(0.2);
+        assert!(noisy.notes[0].contains("20%") && noisy.notes[0].contains("nginx phase"), "{:?}", noisy.notes);
+    }
 
     #[test]
     fn body_has_exact_size_and_readable_seq() {

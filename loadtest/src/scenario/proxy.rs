@@ -403,6 +403,7 @@ pub async fn redis_pid(url: &str) -> Option<u32> {
 pub struct CpuMeter {
     pids: Vec<(&'static str, u32, Duration)>,
     started: Instant,
+    steal: super::StealMeter,
 }
 
 impl CpuMeter {
@@ -415,12 +416,13 @@ impl CpuMeter {
             pids.push(("redis", pid));
         }
         let pids = pids.into_iter().map(|(n, p)| (n, p, cpu_time(p).unwrap_or_default())).collect();
-        CpuMeter { pids, started: Instant::now() }
+        CpuMeter { pids, started: Instant::now(), steal: super::StealMeter::start() }
     }
 
-    /// Adds `cpu_<name>_cores` figures: average cores busy since `start`.
+    /// Adds `cpu_<name>_cores` figures (average cores busy since `start`) and `steal_share`.
     pub fn finish(self, report: &mut super::Report) {
         let wall = self.started.elapsed().as_secs_f64();
+        self.steal.finish(report, "");
         for (name, pid, before) in self.pids {
             if let Some(after) = cpu_time(pid) {
                 let used = after.saturating_sub(before).as_secs_f64();
