@@ -219,6 +219,20 @@ fn ingest_embedded() {
     assert!(figure(&r, "acks_per_s") > 0.0);
 }
 
+/// `--runs` and `--versus`: two binaries alternated, medians and ratios in one report. The
+/// same binary on both sides, so every ratio exists and is positive.
+#[test]
+fn ingest_series_versus_embedded() {
+    let concierge = concierge();
+    let versus = concierge.to_str().unwrap();
+    let r = run_with("ingest", &["--store", "embedded"], &["--runs", "2", "--versus", versus, "--max-steal", "1"]);
+    assert_eq!(r["parameters"]["runs"], 2, "{r}");
+    assert!(r["notes"].as_array().unwrap().iter().any(|n| n.as_str().unwrap().contains("median of 2 runs")), "{r}");
+    let theirs = r["versus"]["figures"].as_array().expect("the versus binary's figures");
+    let acks = theirs.iter().find(|f| f["name"] == "acks_per_s").expect("acks_per_s side by side");
+    assert!(acks["value"].as_f64().unwrap() > 0.0 && acks["ratio"].as_f64().unwrap() > 0.0, "{acks}");
+}
+
 #[test]
 fn ingest_redis() {
     let redis = redis();

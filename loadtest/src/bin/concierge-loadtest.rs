@@ -33,6 +33,18 @@ struct Cli {
     /// Also write a self-contained HTML report (SVG plots) and the JSON into this directory.
     #[arg(long, global = true, value_name = "DIR")]
     report: Option<PathBuf>,
+    /// Run the scenario this many times and report the median of each figure over the runs
+    /// whose CPU steal is within --max-steal (at most 3x as many attempts).
+    #[arg(long, global = true, default_value_t = 1)]
+    runs: usize,
+    /// A second `concierge` binary measured the same way, alternated run by run with the
+    /// first; the report gives both medians and their ratio.
+    #[arg(long, global = true, value_name = "BINARY")]
+    versus: Option<PathBuf>,
+    /// With --runs or --versus: runs (pairs, with --versus) where the hypervisor stole more
+    /// than this share of the CPU are measured again instead of counted.
+    #[arg(long, global = true, default_value_t = 0.05)]
+    max_steal: f64,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -43,7 +55,7 @@ enum Store {
     Embedded,
 }
 
-#[derive(Subcommand)]
+#[derive(Clone, Subcommand)]
 enum Scenario {
     /// Buffer N events for a sleeping agent, then time one agent draining them.
     Replay {
@@ -269,8 +281,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(&ctx, cli.scenario)) {
-        Ok(report) => {
+    let versus = cli.versus.clone().map(|concierge| Context { concierge, ..ctx.clone() });
+    let series = cli.runs > 1 || versus.is_some();
+    let measured = if series {
+        runtime.block_on(run_series(&ctx, versus.as_ref(), &cli.scenario, cli.runs.max(1), cli.max_steal))
+    } else {
+        runtime.block_on(run(&ctx, cli.scenario.clone())).map(|r| (r, None))
+    };
+    match measured {
+        Ok((report, versus)) => {
             print!("{}", report.to_table());
             if let Some(dir) = &cli.report {
                 match scenario::html::write(dir, &report) {
@@ -282,7 +301,11 @@ fn main() -> ExitCode {
                 }
             }
             if cli.json {
-                println!("{}", report.to_json());
+                let mut json = report.to_json();
+                if let Some(v) = versus {
+                    json["versus"] = v;
+                }
+                println!("{json}");
             }
             ExitCode::SUCCESS
         }
@@ -291,6 +314,49 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `runs` measurements (with `versus`, pairs alternated, each binary first in turn), retried
+/// while the host steals more than `max_steal`; the medians, and the comparison as JSON.
+async fn run_series(
+    ctx: &Context,
+    versus: Option<&Context>,
+    s: &Scenario,
+    runs: usize,
+    max_steal: f64,
+) -> anyhow::Result<(Report, Option<serde_json::Value>)> {
+    use scenario::series::{ATTEMPTS_PER_RUN, Series, quiet_enough};
+    let (mut ours, mut theirs) = (Series::default(), Series::default());
+    for attempt in 0..runs * ATTEMPTS_PER_RUN {
+        if ours.kept.len() >= runs {
+            break;
+        }
+        eprintln!("run {} ({} kept of {runs}) ...", attempt + 1, ours.kept.len());
+        let Some(other) = versus else {
+            let r = run(ctx, s.clone()).await?;
+            let keep = quiet_enough(&r, max_steal);
+            ours.add(r, keep);
+            continue;
+        };
+        let (a, b) = if attempt % 2 == 0 {
+            let a = run(ctx, s.clone()).await?;
+            (a, run(other, s.clone()).await?)
+        } else {
+            let b = run(other, s.clone()).await?;
+            (run(ctx, s.clone()).await?, b)
+        };
+        let keep = quiet_enough(&a, max_steal) && quiet_enough(&b, max_steal);
+        ours.add(a, keep);
+        theirs.add(b, keep);
+    }
+    let mut report = ours.summary(max_steal).ok_or_else(|| anyhow::anyhow!("no run completed"))?;
+    let compared = match (versus, theirs.summary(max_steal)) {
+        (Some(other), Some(their)) => {
+            Some(scenario::series::compare(&mut report, &their, &other.concierge.display().to_string()))
+        }
+        _ => None,
+    };
+    Ok((report, compared))
 }
 
 async fn run(ctx: &Context, s: Scenario) -> anyhow::Result<Report> {

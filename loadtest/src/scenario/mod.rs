@@ -29,6 +29,7 @@ pub mod ingest;
 pub mod peer;
 pub mod proxy;
 pub mod replay;
+pub mod series;
 pub mod slack;
 pub mod smtp;
 pub mod telegram;
