@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use async_trait::async_trait;
 use concierge_adapters::{EventSink, Ingested, SinkError};
 use concierge_config::{Config, StoreBackend};
-use concierge_protocol::EventData;
+use concierge_protocol::{EventData, EventRecord};
 use concierge_store::{Appended, Store, StoreOptions};
 use concierge_wakeup::ConnectInfo;
 use futures::StreamExt as _;
@@ -95,6 +95,11 @@ impl EventSink for App {
         }
         match result {
             Ok(Appended::Stored(offset)) => {
+                // Before the head moves, so the session it wakes finds the event in hand.
+                if agent.connected() {
+                    let record = event.to_record();
+                    agent.keep_fresh(EventRecord { offset, received_at_ms: event.received_at_ms, record });
+                }
                 agent.stored(offset, received);
                 Ok(Ingested { offset, duplicate: false })
             }

@@ -26,7 +26,7 @@ pub struct LifecycleView {
 }
 
 /// A session's controls, held so a newer session or a sleep can end it.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct SessionControl {
     /// Unique session id.
     pub id: u64,
@@ -34,6 +34,8 @@ pub struct SessionControl {
     pub drain: watch::Sender<bool>,
     /// The QUIC connection, closed when superseded.
     pub connection: quinn::Connection,
+    /// Events stored while this session is attached, for it to deliver without a store read.
+    pub fresh: crate::fresh::Fresh,
 }
 
 /// One configured agent at run time.
@@ -360,10 +362,28 @@ impl AgentRuntime {
         }
     }
 
+    /// Hands a just-stored event to the attached session, if any (see [`crate::fresh`]).
+    pub fn keep_fresh(&self, event: concierge_protocol::EventRecord) {
+        if let Some(c) = lock(&self.session).as_mut() {
+            c.fresh.push(event);
+        }
+    }
+
+    /// The just-stored events that directly follow `after`, if `session` is still attached.
+    pub fn take_fresh(&self, session: u64, after: u64, room: usize) -> Vec<concierge_protocol::EventRecord> {
+        match lock(&self.session).as_mut() {
+            Some(c) if c.id == session => c.fresh.take_after(after, room),
+            _ => Vec::new(),
+        }
+    }
+
     /// An operator rewound or dropped events: a prepared start or a live session would go on
     /// from the old position, so both are dropped (the agent reconnects and replays).
     pub fn moved_by_operator(&self) {
         self.warm_start.discard();
+        if let Some(c) = lock(&self.session).as_mut() {
+            c.fresh.clear();
+        }
         self.close_session("delivery position changed by an operator");
     }
 

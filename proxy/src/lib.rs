@@ -7,6 +7,7 @@ pub mod certs;
 pub mod channels;
 pub mod dashboard;
 pub mod fleet;
+pub mod fresh;
 pub mod lifecycle;
 pub mod metrics;
 pub mod otlp;

@@ -80,7 +80,7 @@ async fn connection(app: Arc<App>, conn: quinn::Connection) {
     };
     let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
     let (drain_tx, drain_rx) = watch::channel(false);
-    agent.attach(SessionControl { id, drain: drain_tx, connection: conn.clone() });
+    agent.attach(SessionControl { id, drain: drain_tx, connection: conn.clone(), fresh: Default::default() });
     tracing::info!(agent = agent.id(), session = id, %remote, "agent connected");
     let sends = tokio::spawn(serve_sends(app.clone(), agent.clone(), conn.clone()));
     let result = deliver(&app, &agent, id, window, &mut send, &mut reader, drain_rx).await;
@@ -269,6 +269,7 @@ async fn stream_events(
         // the agent's ack opens it (reading only then put a store round trip per ack on the
         // replay's critical path).
         if delivering {
+            ahead.take_fresh(agent, session);
             ahead.start_reads(app, agent.id(), *head.borrow_and_update());
         }
         // Deliver what is in hand, within the window.
@@ -411,6 +412,19 @@ impl ReadAhead {
             let (store, id, budget) = (app.store.clone(), agent.to_string(), app.max_frame / 2);
             let task = tokio::spawn(async move { read_batch(&*store, &id, after, READ_CHUNK, budget).await });
             self.reading.push_back(Read { task, after, asked: READ_CHUNK, head });
+        }
+    }
+
+    /// Takes the events this process just stored that continue where reading got to, when no
+    /// store read is in flight (one would return them too); the rest is read from the store.
+    fn take_fresh(&mut self, agent: &AgentRuntime, session: u64) {
+        if self.reading() || self.ready.len() >= MAX_AHEAD {
+            return;
+        }
+        let events = agent.take_fresh(session, self.read_to, MAX_AHEAD - self.ready.len());
+        if let Some(last) = events.last() {
+            self.read_to = last.offset;
+            self.ready.extend(events);
         }
     }
 

@@ -507,6 +507,34 @@ async fn a_session_writes_each_ack_to_the_store_once() {
     assert_eq!(proxy.agent("m").await["cursor"], 3);
 }
 
+/// An awake agent's new events go from the webhook to its session in memory: the store is read
+/// for none of them (each read is a store round trip on the event's way). What was stored
+/// while no session was attached is read from the store, as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_awake_agent_gets_new_events_without_a_store_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!("{}\n{}", self_connecting_agent("f"), webhook_route("hook", "f", ""));
+    let proxy = Proxy::start(&write_config(dir.path(), &Backend::Embedded, [0, 0, 0], &body));
+    for i in 0..2 {
+        assert_eq!(proxy.post("f", "hook", &format!(r#"{{"n":{i}}}"#), None).await.0, 202);
+    }
+    let mut client = proxy.connect("f").await;
+    let backlog = receive_n(&mut client, 2, Duration::from_secs(10)).await;
+    assert_eq!(backlog.iter().map(|e| e.offset).collect::<Vec<_>>(), vec![1, 2]);
+    let reads =
+        || async { value(&scrape(&proxy).await, "concierge_store_command_duration_seconds_count", &[("op", "read")]) };
+    let backlog_reads = reads().await;
+    assert!(backlog_reads >= 1.0, "the backlog came from the store");
+    for i in 2..12 {
+        assert_eq!(proxy.post("f", "hook", &format!(r#"{{"n":{i}}}"#), None).await.0, 202);
+        let got = receive_n(&mut client, 1, Duration::from_secs(10)).await;
+        assert_eq!(got[0].offset, i + 1, "in order, none skipped");
+        assert_eq!(got[0].data.raw, format!(r#"{{"n":{i}}}"#).into_bytes(), "the stored event itself");
+    }
+    assert_eq!(reads().await, backlog_reads, "ten live events, no store read");
+    client.close().await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Delivery attempts, durable audit log, live store warnings
 
