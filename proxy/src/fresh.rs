@@ -50,15 +50,7 @@ impl Fresh {
         while self.events.front().is_some_and(|e| e.offset <= after) {
             self.evict_front();
         }
-        let mut next = after + 1;
-        let mut count = 0;
-        for e in self.events.iter().take(room) {
-            if e.offset != next {
-                break;
-            }
-            next += 1;
-            count += 1;
-        }
+        let count = self.events.iter().take(room).zip(after + 1..).take_while(|(e, next)| e.offset == *next).count();
         let taken: Vec<EventRecord> = self.events.drain(..count).collect();
         self.bytes -= taken.iter().map(|e| e.record.len()).sum::<usize>();
         taken
