@@ -482,6 +482,28 @@ async fn a_session_resumes_from_the_stores_cursor_when_another_replica_moved_it(
     assert_eq!(offsets, [5, 6], "exactly the events after the store's cursor");
 }
 
+/// A live session gets the events its own replica just stored from memory, but an event
+/// another replica stored in between is not there: the gap sends the session to the store,
+/// and the agent still gets every event once, in offset order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_live_session_reads_the_store_for_an_event_another_replica_stored_in_between() {
+    let redis = Redis::start();
+    let body = agent_a();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Proxy::start(&write_config(dir_a.path(), &Backend::Redis(redis.url()), [0, 0, 0], &body));
+    let b = Proxy::start(&write_config(dir_b.path(), &Backend::Redis(redis.url()), [0, 0, 0], &body));
+    let mut agent = a.connect("a").await;
+    post_n_from(&a, 1, 1).await;
+    assert_eq!(receive_n(&mut agent, 1, Duration::from_secs(5)).await[0].offset, 1);
+    post_n_from(&b, 2, 2).await; // offset 2, stored by replica B: replica A never held it
+    post_n_from(&a, 3, 4).await; // offsets 3 and 4, handed to A's session in memory
+    let got = receive_n(&mut agent, 3, Duration::from_secs(5)).await;
+    let texts: Vec<_> = got.iter().map(|e| e.data.text.clone().unwrap_or_default()).collect();
+    assert_eq!(got.iter().map(|e| e.offset).collect::<Vec<_>>(), vec![2, 3, 4], "2 read from the store, then 3, 4");
+    assert_eq!(texts, ["m2", "m3", "m4"]);
+    expect_no_more(&mut agent, Duration::from_millis(300)).await;
+}
+
 /// A stored event the SDK cannot decode (written by a newer build, or damaged) is an error
 /// naming its offset from `next`, and the events after it still arrive: one bad record does
 /// not stall the agent's log.
