@@ -67,7 +67,15 @@ pub fn render(report: &Report, json: &str) -> String {
     }
     o += "</table>\n";
     for n in &report.notes {
-        let _ = writeln!(o, "<p><b>note:</b> {}</p>", esc(n));
+        // A multi-line note is a table (`--versus`): keep its columns.
+        match n.split_once('\n') {
+            Some((title, table)) => {
+                let _ = writeln!(o, "<p><b>note:</b> {}</p><pre>{}</pre>", esc(title), esc(table));
+            }
+            None => {
+                let _ = writeln!(o, "<p><b>note:</b> {}</p>", esc(n));
+            }
+        }
     }
     let rates: Vec<(&str, f64, &str)> = report
         .figures
@@ -215,5 +223,16 @@ mod tests {
         assert_eq!(page.matches("<svg").count(), 2, "one bar chart, one histogram");
         assert!(!page.contains("http://") || page.matches("http://").count() == page.matches("xmlns=").count());
         assert_eq!(buckets(&h).iter().map(|b| b.1).sum::<u64>(), 5);
+    }
+
+    #[test]
+    fn a_side_by_side_note_keeps_its_columns() {
+        let ctx = Context { concierge: "x".into(), store: StoreChoice::Embedded, quick: true };
+        let mut r = Report::new("ingest", &ctx);
+        r.notes.push("side by side with <b>:\n  figure   this\n  acks     1.0".into());
+        let page = render(&r, "{}");
+        assert!(
+            page.contains("<p><b>note:</b> side by side with &lt;b&gt;:</p><pre>  figure   this\n  acks     1.0</pre>")
+        );
     }
 }
