@@ -198,10 +198,10 @@ struct Session {
 }
 
 impl AgentClient {
-    /// Connects and opens the session; fails fast if the proxy rejects it.
+    /// Connects and opens the session; fails fast if the proxy cannot be reached or rejects it.
     pub async fn connect(opts: ClientOptions) -> Result<Self, ClientError> {
         let endpoint = endpoint(&opts)?;
-        let session = open_session(&endpoint, &opts).await?;
+        let session = first_session(&endpoint, &opts).await?;
         // Batches, not events: a few in flight keep the pipeline full; the window bounds memory.
         let (incoming_tx, incoming) = mpsc::channel(4);
         let (commands, commands_rx) = mpsc::unbounded_channel();
@@ -332,7 +332,34 @@ fn resolve(addr: &str) -> Result<SocketAddr, ClientError> {
         .ok_or_else(|| ClientError::Config(format!("{addr} resolves to no address")))
 }
 
+/// The first session. A proxy that cannot be reached, or refuses, is an error at once; one
+/// that was reached but ended the session before its Welcome could be read is tried again
+/// with the reconnect backoff, as a later reconnect would be. A proxy does that on purpose:
+/// a session started from a position another replica has since moved closes with "log
+/// position moved; reconnect", possibly before the agent has read its Welcome.
+async fn first_session(endpoint: &quinn::Endpoint, opts: &ClientOptions) -> Result<Session, ClientError> {
+    let mut delay = opts.reconnect_initial;
+    let mut attempt = 1;
+    loop {
+        let connection = handshake(endpoint, opts).await?;
+        match hello(connection, opts).await {
+            Err(e) if !e.is_permanent() && attempt < opts.reconnect_attempts => {
+                tracing::debug!(error = %e, attempt, "session ended before its Welcome; connecting again");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(opts.reconnect_max);
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
 async fn open_session(endpoint: &quinn::Endpoint, opts: &ClientOptions) -> Result<Session, ClientError> {
+    hello(handshake(endpoint, opts).await?, opts).await
+}
+
+/// A QUIC connection to the proxy.
+async fn handshake(endpoint: &quinn::Endpoint, opts: &ClientOptions) -> Result<quinn::Connection, ClientError> {
     let addr = resolve(&opts.addr)?;
     let connecting = endpoint
         .connect(addr, &opts.server_name)
@@ -341,6 +368,11 @@ async fn open_session(endpoint: &quinn::Endpoint, opts: &ClientOptions) -> Resul
         .await
         .map_err(|_| ClientError::Connection(format!("handshake with {addr} timed out")))?
         .map_err(|e| ClientError::Connection(format!("handshake with {addr}: {e}")))?;
+    Ok(connection)
+}
+
+/// Opens the session stream on `connection`: Hello, then the proxy's Welcome or Reject.
+async fn hello(connection: quinn::Connection, opts: &ClientOptions) -> Result<Session, ClientError> {
     let (mut send, recv) = connection.open_bi().await.map_err(|e| ClientError::Connection(e.to_string()))?;
     let hello = ToProxy::Hello {
         version: 1,
