@@ -96,10 +96,11 @@ impl EventSink for App {
         match result {
             Ok(Appended::Stored(offset)) => {
                 // Before the head moves, so the session it wakes finds the event in hand.
-                if agent.connected() {
-                    let record = event.to_record();
-                    agent.keep_fresh(EventRecord { offset, received_at_ms: event.received_at_ms, record });
-                }
+                agent.keep_fresh(|| EventRecord {
+                    offset,
+                    received_at_ms: event.received_at_ms,
+                    record: event.to_record(),
+                });
                 agent.stored(offset, received);
                 Ok(Ingested { offset, duplicate: false })
             }

@@ -362,10 +362,11 @@ impl AgentRuntime {
         }
     }
 
-    /// Hands a just-stored event to the attached session, if any (see [`crate::fresh`]).
-    pub fn keep_fresh(&self, event: concierge_protocol::EventRecord) {
+    /// Hands a just-stored event to the attached session, if any (see [`crate::fresh`]); the
+    /// record is encoded only when there is one.
+    pub fn keep_fresh(&self, event: impl FnOnce() -> concierge_protocol::EventRecord) {
         if let Some(c) = lock(&self.session).as_mut() {
-            c.fresh.push(event);
+            c.fresh.push(event());
         }
     }
 
