@@ -26,10 +26,13 @@
 //! runs); with `appendfsync always` Redis answers only after the AOF fsync, which the whole
 //! round shares. All calls are pipelined on one multiplexed connection.
 //!
-//! The connection, the group-commit task and every call run on a thread of the store's own
-//! (a single-threaded runtime): replies are handled as soon as they arrive instead of queueing
-//! behind the proxy's other work. In a storm of 1,000 agent wakes the append's reply waited
-//! 5.6 ms (p50) behind QUIC handshakes on the shared runtime while Redis itself was idle.
+//! The connection, the group-commit task and every call run as tasks on the runtime that
+//! opened the store (the proxy's ingress runtime; QUIC has its own), each call a task of its
+//! own so that a caller that gives up does not cancel a command already sent. An earlier
+//! version ran them on a thread of their own, for a wake storm whose appends queued behind QUIC
+//! handshakes; since QUIC has its own runtime and woken agents start warm, that thread only
+//! added a hand-off to every call: without it, ingest acks 11% more per second on 2 cores
+//! (alternated runs, BENCHMARKS.md) and the storm's overhead stays within its target.
 //!
 //! Agent ids are escaped in keys (`%`, `{`, `}`, `:` become `%XX`), so no agent id can break
 //! out of its hash tag or collide with another agent's keys; dedupe and idempotency keys sit
@@ -309,45 +312,15 @@ pub struct RedisStore {
     inner: std::sync::Arc<Inner>,
     /// Appends wait here for the group-commit task ([`commit_appends`]).
     appends: mpsc::Sender<AppendJob>,
-    io: IoThread,
+    /// Where the store's tasks run: the runtime that opened it.
+    runtime: tokio::runtime::Handle,
 }
 
-/// What every call needs; shared with the calls running on the I/O thread.
+/// What every call needs; shared with the tasks that run the calls.
 struct Inner {
     conn: ConnectionManager,
     opts: StoreOptions,
     scripts: Scripts,
-}
-
-/// The store's thread and its single-threaded runtime; stops when the store is dropped.
-struct IoThread {
-    handle: tokio::runtime::Handle,
-    _stop: oneshot::Sender<()>,
-}
-
-impl IoThread {
-    fn start() -> Result<IoThread, StoreError> {
-        let failed = |e: std::io::Error| StoreError::Config(format!("cannot start the Redis store's thread: {e}"));
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(failed)?;
-        let handle = runtime.handle().clone();
-        let (stop, stopped) = oneshot::channel::<()>();
-        std::thread::Builder::new()
-            .name("concierge-redis".into())
-            .spawn(move || runtime.block_on(async move { stopped.await.unwrap_or(()) }))
-            .map_err(failed)?;
-        Ok(IoThread { handle, _stop: stop })
-    }
-
-    /// Runs `call` on the I/O thread, so the connection's tasks, reconnects included, live there.
-    async fn run<T: Send + 'static>(
-        &self,
-        call: impl Future<Output = Result<T, StoreError>> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        self.handle
-            .spawn(call)
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("the Redis store's thread stopped: {e}")))?
-    }
 }
 
 /// Most appends one script call carries, and most record bytes: bounds the script's run time
@@ -379,26 +352,30 @@ impl RedisStore {
             .set_number_of_retries(RECONNECT_RETRIES)
             .set_min_delay(Duration::from_millis(100))
             .set_max_delay(Duration::from_secs(1));
-        let io = IoThread::start()?;
-        let conn = io
-            .run(async move {
-                ConnectionManager::new_with_config(client, config)
-                    .await
-                    .map_err(|e| StoreError::Unavailable(format!("cannot connect to Redis at {shown}: {e}")))
-            })
-            .await?;
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|e| StoreError::Config(format!("the Redis store needs a Tokio runtime: {e}")))?;
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("cannot connect to Redis at {shown}: {e}")))?;
         let scripts = Scripts::new();
         let (appends, queued) = mpsc::channel(APPEND_QUEUE);
-        io.handle.spawn(commit_appends(queued, conn.clone(), scripts.append.clone(), opts.dedupe_ttl));
-        Ok(RedisStore { inner: std::sync::Arc::new(Inner { conn, opts, scripts }), appends, io })
+        runtime.spawn(commit_appends(queued, conn.clone(), scripts.append.clone(), opts.dedupe_ttl));
+        Ok(RedisStore { inner: std::sync::Arc::new(Inner { conn, opts, scripts }), appends, runtime })
     }
 
-    /// Runs `call` with the shared state on the I/O thread.
-    async fn on_io<T: Send + 'static, F>(&self, call: impl FnOnce(std::sync::Arc<Inner>) -> F) -> Result<T, StoreError>
+    /// Runs `call` with the shared state as a task of its own, so that it completes even if
+    /// the caller stops waiting for it.
+    async fn spawned<T: Send + 'static, F>(
+        &self,
+        call: impl FnOnce(std::sync::Arc<Inner>) -> F,
+    ) -> Result<T, StoreError>
     where
         F: Future<Output = Result<T, StoreError>> + Send + 'static,
     {
-        self.io.run(call(self.inner.clone())).await
+        self.runtime
+            .spawn(call(self.inner.clone()))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("the Redis store's runtime stopped: {e}")))?
     }
 }
 
@@ -548,64 +525,64 @@ impl Store for RedisStore {
 
     async fn read_records(&self, agent: &str, after: u64, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
         let agent = agent.to_owned();
-        self.on_io(|i| async move { i.read_records(&agent, after, limit).await }).await
+        self.spawned(|i| async move { i.read_records(&agent, after, limit).await }).await
     }
 
     async fn ack(&self, agent: &str, up_to: u64) -> Result<u64, StoreError> {
         let agent = agent.to_owned();
-        self.on_io(|i| async move { i.ack(&agent, up_to).await }).await
+        self.spawned(|i| async move { i.ack(&agent, up_to).await }).await
     }
 
     async fn rewind(&self, agent: &str, to: u64) -> Result<u64, StoreError> {
         let agent = agent.to_owned();
-        self.on_io(|i| async move { i.rewind(&agent, to).await }).await
+        self.spawned(|i| async move { i.rewind(&agent, to).await }).await
     }
 
     async fn drop_events(&self, agent: &str, offsets: &[u64]) -> Result<u64, StoreError> {
         let (agent, offsets) = (agent.to_owned(), offsets.to_vec());
-        self.on_io(|i| async move { i.drop_events(&agent, &offsets).await }).await
+        self.spawned(|i| async move { i.drop_events(&agent, &offsets).await }).await
     }
 
     async fn position(&self, agent: &str) -> Result<Position, StoreError> {
         let agent = agent.to_owned();
-        self.on_io(|i| async move { i.position(&agent).await }).await
+        self.spawned(|i| async move { i.position(&agent).await }).await
     }
 
     async fn stats(&self, agent: &str) -> Result<Stats, StoreError> {
         let agent = agent.to_owned();
-        self.on_io(|i| async move { i.stats(&agent).await }).await
+        self.spawned(|i| async move { i.stats(&agent).await }).await
     }
 
     async fn claim_send(&self, agent: &str, key: &str) -> Result<SendClaim, StoreError> {
         let (agent, key) = (agent.to_owned(), key.to_owned());
-        self.on_io(|i| async move { i.claim_send(&agent, &key).await }).await
+        self.spawned(|i| async move { i.claim_send(&agent, &key).await }).await
     }
 
     async fn finish_send(&self, agent: &str, key: &str, result: &SendResult) -> Result<(), StoreError> {
         let (agent, key, result) = (agent.to_owned(), key.to_owned(), result.clone());
-        self.on_io(|i| async move { i.finish_send(&agent, &key, &result).await }).await
+        self.spawned(|i| async move { i.finish_send(&agent, &key, &result).await }).await
     }
 
     async fn check_writable(&self) -> Result<(), StoreError> {
-        self.on_io(|i| async move { i.check_writable().await }).await
+        self.spawned(|i| async move { i.check_writable().await }).await
     }
 
     async fn get_state(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let key = key.to_owned();
-        self.on_io(|i| async move { i.get_state(&key).await }).await
+        self.spawned(|i| async move { i.get_state(&key).await }).await
     }
 
     async fn put_state(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         let (key, value) = (key.to_owned(), value.to_vec());
-        self.on_io(|i| async move { i.put_state(&key, &value).await }).await
+        self.spawned(|i| async move { i.put_state(&key, &value).await }).await
     }
 
     async fn warnings(&self) -> Vec<String> {
-        self.on_io(|i| async move { Ok(i.warnings().await) }).await.unwrap_or_else(|e| vec![e.to_string()])
+        self.spawned(|i| async move { Ok(i.warnings().await) }).await.unwrap_or_else(|e| vec![e.to_string()])
     }
 }
 
-/// The calls themselves; [`RedisStore`] runs each on the I/O thread.
+/// The calls themselves; [`RedisStore`] runs each as a task of its own.
 impl Inner {
     /// A handle on the shared multiplexed connection (cheap; requests are pipelined).
     fn conn(&self) -> ConnectionManager {
