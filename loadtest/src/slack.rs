@@ -226,6 +226,11 @@ impl FakeSlack {
         self.state().sockets.iter().filter(|(_, a, tx)| a == app_id && !tx.is_closed()).count()
     }
 
+    /// Sockets currently open, all apps together.
+    pub fn open_sockets_total(&self) -> usize {
+        self.state().sockets.iter().filter(|(_, _, tx)| !tx.is_closed()).count()
+    }
+
     /// Most sockets `app_id` had open at the same time (2 during a gapless refresh).
     pub fn peak_sockets(&self, app_id: &str) -> usize {
         self.state().peak.get(app_id).copied().unwrap_or(0)

@@ -255,6 +255,9 @@ fn hold_redis() {
     assert_eq!(figure(&r, "agents_held"), 200.0, "{r}");
     assert_eq!(figure(&r, "smtp_sessions_held"), 200.0, "{r}");
     assert!(figure(&r, "proxy_rss_total") > 0.0);
+    assert_eq!(figure(&r, "slack_sockets_held"), 200.0, "{r}");
+    assert_eq!(figure(&r, "slack_agents_held"), 200.0, "{r}");
+    assert!(figure(&r, "proxy_rss_total_slack") > figure(&r, "proxy_rss_with_slack_sockets"), "{r}");
 }
 
 /// Whether nginx is installed where the harness looks for it.

@@ -148,7 +148,8 @@ enum Scenario {
         #[arg(long, value_parser = humantime_duration, default_value = "0s")]
         hold: Duration,
     },
-    /// K idle agent QUIC sessions + K idle SMTP sessions: proxy resident memory per connection.
+    /// K idle agent QUIC sessions + K idle SMTP sessions, then K agent sessions + K idle Slack
+    /// Socket Mode sockets: proxy resident memory per connection.
     Hold {
         /// Idle agent sessions (default 10000; 200 with --quick).
         #[arg(long)]
@@ -156,6 +157,10 @@ enum Scenario {
         /// Idle SMTP sessions after EHLO (default 10000; 200 with --quick).
         #[arg(long)]
         smtp: Option<usize>,
+        /// Idle Slack Socket Mode sockets, one app each, against the fake (default 10000; 200
+        /// with --quick; 0 skips that half).
+        #[arg(long)]
+        slack: Option<usize>,
         /// Connections opened at once.
         #[arg(long, default_value_t = 64)]
         connect_concurrency: usize,
@@ -253,11 +258,11 @@ fn default_concierge() -> PathBuf {
 }
 
 fn main() -> ExitCode {
-    // The `hold` scenario's helper process (holds idle SMTP sessions; see scenario::hold).
-    if let Ok(spec) = std::env::var(scenario::hold::SMTP_HOLDER_ENV) {
+    // The `hold` scenario's helper process (holds idle SMTP sessions or the fake Slack's
+    // sockets; see scenario::hold).
+    if let Ok(spec) = std::env::var(scenario::hold::HOLDER_ENV) {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build();
-        return match rt.map_err(anyhow::Error::from).and_then(|rt| rt.block_on(scenario::hold::smtp_holder_main(&spec)))
-        {
+        return match rt.map_err(anyhow::Error::from).and_then(|rt| rt.block_on(scenario::hold::holder_main(&spec))) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 println!("error {e:#}");
@@ -406,10 +411,11 @@ async fn run(ctx: &Context, s: Scenario) -> anyhow::Result<Report> {
             p.hold = hold;
             scenario::fleet::run(ctx, &p).await
         }
-        Scenario::Hold { agents, smtp, connect_concurrency } => {
+        Scenario::Hold { agents, smtp, slack, connect_concurrency } => {
             let mut p = scenario::hold::Params::defaults(q);
             p.agents = agents.unwrap_or(p.agents).max(1);
             p.smtp = smtp.unwrap_or(p.smtp);
+            p.slack = slack.unwrap_or(p.slack);
             p.connect_concurrency = connect_concurrency.max(1);
             scenario::hold::run(ctx, &p).await
         }

@@ -1,16 +1,20 @@
 //! `hold`: K idle agent QUIC sessions (SDK [`AgentClient`]s of agents with driver `none`,
-//! policy `never`) plus K idle inbound SMTP sessions (connected, greeted, `EHLO` answered,
-//! then silent) against one proxy; the proxy's resident memory (`VmRSS`) before, after the
-//! agents and after the SMTP sessions, per connection. SMTP is the held platform connection
-//! whose state really lives in the proxy: each session is a socket plus a session task and
-//! its buffers inside `concierge serve`, waiting for the next command (a Telegram long poll,
-//! by contrast, is one proxy-side client per bot, not per connection).
+//! policy `never`) held together with K idle platform connections, in two halves, each
+//! against a proxy of its own; the proxy's resident memory (`VmRSS`) at each step, per
+//! connection.
+//! - SMTP: K inbound sessions (connected, greeted, `EHLO` answered, then silent). Each is a
+//!   socket plus a session task and its buffers inside `concierge serve`.
+//! - Slack: K apps, each an agent's own, each holding one Socket Mode WebSocket to the fake
+//!   Slack ([`crate::slack`]), which sends nothing: the connection the proxy keeps open on the
+//!   agent's behalf, and the most expensive of the held chat connections per the channel
+//!   scenarios (Discord gateway, Telegram long poll).
 //!
 //! File descriptors: the SDK opens one UDP socket per client, so this process needs about
-//! K + 100 descriptors and the proxy about K + 100 (one per SMTP session; QUIC is one UDP
-//! socket); [`raise_nofile`] lifts the soft (and, when permitted, the hard) limit before the
-//! proxy is spawned, which inherits it. The SMTP sessions are held by a helper process (this
-//! binary re-executed with [`SMTP_HOLDER_ENV`]), so no process needs 2K descriptors.
+//! K + 100 descriptors and the proxy about K + 100 (one per SMTP session or Slack socket; QUIC
+//! is one UDP socket); [`raise_nofile`] lifts the soft (and, when permitted, the hard) limit
+//! before the proxy is spawned, which inherits it. The SMTP sessions and the fake Slack are
+//! held by a helper process (this binary re-executed with [`HOLDER_ENV`]), so no process
+//! needs 2K descriptors.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,6 +39,8 @@ pub struct Params {
     pub agents: usize,
     /// Idle SMTP sessions.
     pub smtp: usize,
+    /// Idle Slack Socket Mode sockets (0 skips that half).
+    pub slack: usize,
     /// Connections being opened at once.
     pub connect_concurrency: usize,
     /// Pause before each RSS reading, so the proxy's allocations settle.
@@ -47,6 +53,7 @@ impl Params {
         Self {
             agents: if quick { 200 } else { 10_000 },
             smtp: if quick { 200 } else { 10_000 },
+            slack: if quick { 200 } else { 10_000 },
             connect_concurrency: 64,
             settle: Duration::from_millis(if quick { 300 } else { 2000 }),
         }
@@ -82,50 +89,68 @@ pub async fn run(ctx: &Context, p: &Params) -> anyhow::Result<Report> {
     let mut report = Report::new("hold", ctx);
     report.param("agents", p.agents as u64);
     report.param("smtp_sessions", p.smtp as u64);
+    report.param("slack_sockets", p.slack as u64);
     report.param("connect_concurrency", p.connect_concurrency as u64);
 
-    // Here: one UDP socket per SDK client; the proxy (inheriting it): one socket per SMTP session.
-    let want = (p.agents.max(p.smtp) + 1024) as u64;
+    // Here: one UDP socket per SDK client; the proxy (inheriting it): one socket per SMTP
+    // session or Slack socket.
+    let want = (p.agents.max(p.smtp).max(p.slack) + 1024) as u64;
     let nofile = raise_nofile(want);
     report.param("nofile", nofile);
     if nofile < want {
         report.notes.push(format!(
-            "RLIMIT_NOFILE is {nofile}, below the ~{want} descriptors this run needs; raise it (ulimit -n) or shrink --agents/--smtp"
+            "RLIMIT_NOFILE is {nofile}, below the ~{want} descriptors this run needs; raise it (ulimit -n) or shrink --agents/--smtp/--slack"
         ));
     }
 
     let run_id = random_hex(10);
     let agents: Vec<(String, String)> =
         (0..p.agents.max(1)).map(|i| (format!("hold-{run_id}-{i}"), random_hex(32))).collect();
+    let base = with_smtp(ctx, &agents, p, &mut report).await?;
+    if p.slack > 0 {
+        with_slack(ctx, &agents, base, p, &mut report).await?;
+    }
+    report.notes.push(
+        "RSS deltas include allocator slack; the SDK opens one UDP socket per agent client (loadgen side only)".into(),
+    );
+    Ok(report)
+}
+
+/// The agents' sections: asleep and never woken, so only the held sessions cost.
+fn agents_config(agents: &[(String, String)]) -> String {
+    agents
+        .iter()
+        .map(|(id, token)| agent_section(id, token, 64, 1_000_000, "driver = \"none\"\npolicy = \"never\""))
+        .collect()
+}
+
+/// The first half: agents, then SMTP sessions. Returns the proxy's baseline RSS (KiB).
+async fn with_smtp(ctx: &Context, agents: &[(String, String)], p: &Params, report: &mut Report) -> anyhow::Result<u64> {
     let smtp_port = free_port()?;
-    let mut config = String::new();
-    config += &format!(
+    let mut config = format!(
         "[smtp]\nlisten = \"127.0.0.1:{smtp_port}\"\nhostname = \"mx.example.com\"\ndomains = [\"example.com\"]\n\
          greeting_delay = \"0s\"\nmax_connections = {cap}\nmax_connections_per_ip = {cap}\n\n\
          [smtp.addresses]\nsupport = {}\n\n",
         toml_str(&agents[0].0),
         cap = p.smtp + 100,
     );
-    for (id, token) in &agents {
-        config += &agent_section(id, token, 64, 1_000_000, "driver = \"none\"\npolicy = \"never\"");
-    }
+    config += &agents_config(agents);
     let ids = agents.iter().map(|(a, _)| a.clone()).collect();
     let mut proxy = Proxy::start(&ctx.concierge, &ctx.store, &config, ids)?;
     let smtp_addr: SocketAddr = format!("127.0.0.1:{smtp_port}").parse()?;
-    let result = measure(&mut proxy, &agents, smtp_addr, p, &mut report).await;
-    let result = result.map_err(|e| e.context(format!("hold failed; proxy log tail:\n{}", proxy.log())));
+    let result = measure_smtp(&mut proxy, agents, smtp_addr, p, report).await;
+    let result = result.map_err(|e| e.context(format!("hold (SMTP) failed; proxy log tail:\n{}", proxy.log())));
     proxy.stop().await?;
-    result?;
-    Ok(report)
+    result
 }
 
-async fn measure(
+async fn measure_smtp(
     proxy: &mut Proxy,
     agents: &[(String, String)],
     smtp: SocketAddr,
     p: &Params,
     report: &mut Report,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<u64> {
     let pid = proxy.pid();
     // The SMTP listener binds after the ready line on some builds; wait until it answers.
     bounded("the SMTP listener", Duration::from_secs(20), async {
@@ -141,10 +166,106 @@ async fn measure(
     let base = rss_kib(pid).context("reading the proxy's VmRSS")?;
     let mine_before = rss_kib(std::process::id()).unwrap_or(0);
 
-    // Agents.
+    let (clients, agents_connect) = connect_agents(proxy, agents, p.connect_concurrency).await?;
+    tokio::time::sleep(p.settle).await;
+    proxy.check_alive()?;
+    let after_agents = rss_kib(pid).context("reading the proxy's VmRSS")?;
+
+    // SMTP sessions, idle after EHLO, held by a child process of ours: the SDK's one UDP
+    // socket per agent already takes K descriptors here, and an unprivileged process cannot
+    // raise its hard RLIMIT_NOFILE (20000 on the reference machine) to hold 2K + K.
+    eprintln!("hold: opening {} SMTP sessions (in a helper process) ...", p.smtp);
+    let started = Instant::now();
+    let mut holder = Holder::start(&format!("smtp,{smtp},{},{}", p.smtp, p.connect_concurrency))?;
+    let limit = Duration::from_secs(60) + Duration::from_millis(10 * p.smtp as u64);
+    let held = bounded("opening the SMTP sessions", limit, holder.held()).await?;
+    let smtp_connect = started.elapsed();
+    tokio::time::sleep(p.settle).await;
+    proxy.check_alive()?;
+    let after_smtp = rss_kib(pid).context("reading the proxy's VmRSS")?;
+    let mine_after = rss_kib(std::process::id()).unwrap_or(0);
+
+    report.figure("proxy_rss_baseline", mib(base), "MiB");
+    report.figure("proxy_rss_with_agents", mib(after_agents), "MiB");
+    report.figure_target("proxy_rss_total", mib(after_smtp), "MiB", Target::Below(TARGET_TOTAL_MIB));
+    report.figure("rss_per_agent_session", per(after_agents.saturating_sub(base), clients.len()), "KiB");
+    report.figure("rss_per_smtp_session", per(after_smtp.saturating_sub(after_agents), held), "KiB");
+    report.figure("rss_per_connection", per(after_smtp.saturating_sub(base), clients.len() + held), "KiB");
+    report.figure("agents_held", clients.len() as f64, "count");
+    report.figure("smtp_sessions_held", held as f64, "count");
+    report.figure("agents_connect_per_s", clients.len() as f64 / agents_connect.as_secs_f64().max(1e-9), "conn/s");
+    report.figure("smtp_connect_per_s", held as f64 / smtp_connect.as_secs_f64().max(1e-9), "conn/s");
+    report.figure("loadgen_rss_added", mib(mine_after.saturating_sub(mine_before)), "MiB");
+
+    holder.stop().await;
+    close_agents(clients).await?;
+    Ok(base)
+}
+
+/// The second half: a proxy whose every agent has a Slack app with its socket open to the
+/// fake (held by a helper process), then the agents' sessions. `base` is the first half's
+/// baseline (the same agents, nothing connected), for the per-socket figure.
+async fn with_slack(
+    ctx: &Context,
+    agents: &[(String, String)],
+    base: u64,
+    p: &Params,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    eprintln!("hold: {} Slack apps, one socket each, to the fake (in a helper process) ...", p.slack);
+    let limit = Duration::from_secs(60) + Duration::from_millis(20 * p.slack as u64);
+    let mut holder = Holder::start(&format!("slack,{},{}", p.slack, limit.as_secs()))?;
+    let api_base = bounded("starting the fake Slack", Duration::from_secs(20), holder.url()).await?;
+    let mut config = agents_config(agents);
+    for i in 0..p.slack {
+        config += &super::slack::app_section(i, &agents[i % agents.len()].0, &api_base);
+    }
+    let ids = agents.iter().map(|(a, _)| a.clone()).collect();
+    let mut proxy = Proxy::start(&ctx.concierge, &ctx.store, &config, ids)?;
+    let pid = proxy.pid();
+    let result = async {
+        let started = Instant::now();
+        let held = bounded("opening the Slack sockets", limit, holder.held()).await?;
+        let opened = started.elapsed();
+        tokio::time::sleep(p.settle).await;
+        proxy.check_alive()?;
+        let with_sockets = rss_kib(pid).context("reading the proxy's VmRSS")?;
+        let (clients, _) = connect_agents(&proxy, agents, p.connect_concurrency).await?;
+        tokio::time::sleep(p.settle).await;
+        proxy.check_alive()?;
+        let total = rss_kib(pid).context("reading the proxy's VmRSS")?;
+        report.figure("proxy_rss_with_slack_sockets", mib(with_sockets), "MiB");
+        report.figure_target("proxy_rss_total_slack", mib(total), "MiB", Target::Below(TARGET_TOTAL_MIB));
+        report.figure("rss_per_slack_socket", per(with_sockets.saturating_sub(base), held), "KiB");
+        report.figure("slack_sockets_held", held as f64, "count");
+        report.figure("slack_agents_held", clients.len() as f64, "count");
+        report.figure("slack_open_per_s", held as f64 / opened.as_secs_f64().max(1e-9), "conn/s");
+        close_agents(clients).await
+    }
+    .await;
+    holder.stop().await;
+    let result = result.map_err(|e| e.context(format!("hold (Slack) failed; proxy log tail:\n{}", proxy.log())));
+    proxy.stop().await?;
+    result
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn per(delta_kib: u64, n: usize) -> f64 {
+    if n == 0 { 0.0 } else { delta_kib as f64 / n as f64 }
+}
+
+/// Connects one SDK client per agent, `concurrency` at a time; returns them and the time taken.
+async fn connect_agents(
+    proxy: &Proxy,
+    agents: &[(String, String)],
+    concurrency: usize,
+) -> anyhow::Result<(Vec<AgentClient>, Duration)> {
     eprintln!("hold: connecting {} agents ...", agents.len());
     let started = Instant::now();
-    let sem = Arc::new(tokio::sync::Semaphore::new(p.connect_concurrency.max(1)));
+    let sem = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     for (i, (id, token)) in agents.iter().enumerate() {
         let opts = proxy.client_options(id, token, 64);
@@ -164,43 +285,10 @@ async fn measure(
         anyhow::Ok(clients)
     })
     .await?;
-    let agents_connect = started.elapsed();
-    tokio::time::sleep(p.settle).await;
-    proxy.check_alive()?;
-    let after_agents = rss_kib(pid).context("reading the proxy's VmRSS")?;
+    Ok((clients, started.elapsed()))
+}
 
-    // SMTP sessions, idle after EHLO, held by a child process of ours: the SDK's one UDP
-    // socket per agent already takes K descriptors here, and an unprivileged process cannot
-    // raise its hard RLIMIT_NOFILE (20000 on the reference machine) to hold 2K + K.
-    eprintln!("hold: opening {} SMTP sessions (in a helper process) ...", p.smtp);
-    let started = Instant::now();
-    let mut holder = SmtpHolder::start(smtp, p.smtp, p.connect_concurrency).await?;
-    let limit = Duration::from_secs(60) + Duration::from_millis(10 * p.smtp as u64);
-    let held = bounded("opening the SMTP sessions", limit, holder.ready()).await?;
-    let smtp_connect = started.elapsed();
-    tokio::time::sleep(p.settle).await;
-    proxy.check_alive()?;
-    let after_smtp = rss_kib(pid).context("reading the proxy's VmRSS")?;
-    let mine_after = rss_kib(std::process::id()).unwrap_or(0);
-
-    let mib = |kib: u64| kib as f64 / 1024.0;
-    let per = |delta: u64, n: usize| if n == 0 { 0.0 } else { delta as f64 / n as f64 };
-    report.figure("proxy_rss_baseline", mib(base), "MiB");
-    report.figure("proxy_rss_with_agents", mib(after_agents), "MiB");
-    report.figure_target("proxy_rss_total", mib(after_smtp), "MiB", Target::Below(TARGET_TOTAL_MIB));
-    report.figure("rss_per_agent_session", per(after_agents.saturating_sub(base), clients.len()), "KiB");
-    report.figure("rss_per_smtp_session", per(after_smtp.saturating_sub(after_agents), held), "KiB");
-    report.figure("rss_per_connection", per(after_smtp.saturating_sub(base), clients.len() + held), "KiB");
-    report.figure("agents_held", clients.len() as f64, "count");
-    report.figure("smtp_sessions_held", held as f64, "count");
-    report.figure("agents_connect_per_s", clients.len() as f64 / agents_connect.as_secs_f64(), "conn/s");
-    report.figure("smtp_connect_per_s", held as f64 / smtp_connect.as_secs_f64().max(1e-9), "conn/s");
-    report.figure("loadgen_rss_added", mib(mine_after.saturating_sub(mine_before)), "MiB");
-    report.notes.push(
-        "RSS deltas include allocator slack; the SDK opens one UDP socket per agent client (loadgen side only)".into(),
-    );
-
-    holder.stop().await;
+async fn close_agents(clients: Vec<AgentClient>) -> anyhow::Result<()> {
     eprintln!("hold: closing {} agents ...", clients.len());
     bounded("closing the agents", Duration::from_secs(60), async {
         let mut closing = tokio::task::JoinSet::new();
@@ -213,44 +301,54 @@ async fn measure(
         while closing.join_next().await.is_some() {}
         anyhow::Ok(())
     })
-    .await?;
-    Ok(())
+    .await
 }
 
-/// Environment variable that turns `concierge-loadtest` into the SMTP-session holder:
-/// `<addr>,<sessions>,<concurrency>`.
-pub const SMTP_HOLDER_ENV: &str = "CONCIERGE_LOADTEST_SMTP_HOLDER";
+/// Environment variable that turns `concierge-loadtest` into the hold's helper process:
+/// `smtp,<addr>,<sessions>,<concurrency>` or `slack,<apps>,<limit in seconds>`.
+pub const HOLDER_ENV: &str = "CONCIERGE_LOADTEST_HOLDER";
 
-/// The helper process holding the idle SMTP sessions.
-struct SmtpHolder {
+/// The helper process holding one half's platform connections. It speaks in lines on its
+/// stdout (`url <api base>`, `held <n>`, `error <message>`) and stops when its stdin closes.
+struct Holder {
     child: tokio::process::Child,
     stdout: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
 }
 
-impl SmtpHolder {
-    async fn start(addr: SocketAddr, n: usize, concurrency: usize) -> anyhow::Result<SmtpHolder> {
+impl Holder {
+    fn start(spec: &str) -> anyhow::Result<Holder> {
         let exe = std::env::current_exe().context("locating concierge-loadtest")?;
         let mut child = tokio::process::Command::new(exe)
-            .env(SMTP_HOLDER_ENV, format!("{addr},{n},{concurrency}"))
+            .env(HOLDER_ENV, spec)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .context("starting the SMTP holder process")?;
+            .context("starting the holder process")?;
         let stdout = BufReader::new(child.stdout.take().context("holder stdout")?).lines();
-        Ok(SmtpHolder { child, stdout })
+        Ok(Holder { child, stdout })
     }
 
-    /// Waits for `held <n>` (or `error <message>`).
-    async fn ready(&mut self) -> anyhow::Result<usize> {
-        let line = self.stdout.next_line().await?.context("the SMTP holder exited without a word")?;
-        if let Some(n) = line.strip_prefix("held ") {
-            return n.trim().parse().context("holder count");
+    /// The next line, which must start with `word` (an `error` line fails with its message).
+    async fn expect(&mut self, word: &str) -> anyhow::Result<String> {
+        let line = self.stdout.next_line().await?.context("the holder process exited without a word")?;
+        if let Some(rest) = line.strip_prefix(word).and_then(|r| r.strip_prefix(' ')) {
+            return Ok(rest.to_string());
         }
-        anyhow::bail!("SMTP holder: {}", line.strip_prefix("error ").unwrap_or(&line))
+        anyhow::bail!("holder process: {}", line.strip_prefix("error ").unwrap_or(&line))
     }
 
-    /// Closes its stdin (it then drops the sessions and exits) and reaps it.
+    /// Waits for `held <n>`.
+    async fn held(&mut self) -> anyhow::Result<usize> {
+        self.expect("held").await?.trim().parse().context("holder count")
+    }
+
+    /// Waits for `url <api base>` (the fake Slack's).
+    async fn url(&mut self) -> anyhow::Result<String> {
+        self.expect("url").await
+    }
+
+    /// Closes its stdin (it then drops what it holds and exits) and reaps it.
     async fn stop(mut self) {
         drop(self.child.stdin.take());
         if tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await.is_err() {
@@ -259,9 +357,24 @@ impl SmtpHolder {
     }
 }
 
-/// Body of the holder process: opens the sessions, prints `held <n>`, holds them until stdin
-/// closes. Spec is `<addr>,<sessions>,<concurrency>`.
-pub async fn smtp_holder_main(spec: &str) -> anyhow::Result<()> {
+/// Body of the helper process (see [`HOLDER_ENV`]).
+pub async fn holder_main(spec: &str) -> anyhow::Result<()> {
+    match spec.split_once(',') {
+        Some(("smtp", rest)) => hold_smtp(rest).await,
+        Some(("slack", rest)) => hold_slack(rest).await,
+        _ => anyhow::bail!("unknown holder spec {spec:?}"),
+    }
+}
+
+/// Waits until the parent closes our stdin.
+async fn until_stdin_closes() {
+    let mut sink = Vec::new();
+    let _ = tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut sink).await;
+}
+
+/// Opens the SMTP sessions, prints `held <n>`, holds them until stdin closes. `spec` is
+/// `<addr>,<sessions>,<concurrency>`.
+async fn hold_smtp(spec: &str) -> anyhow::Result<()> {
     let mut parts = spec.split(',');
     let addr: SocketAddr = parts.next().unwrap_or_default().parse().context("holder address")?;
     let n: usize = parts.next().unwrap_or_default().parse().context("holder count")?;
@@ -290,10 +403,38 @@ pub async fn smtp_holder_main(spec: &str) -> anyhow::Result<()> {
         Some(e) => println!("error {e:#}"),
         None => println!("held {}", sessions.len()),
     }
-    // Hold until the parent closes our stdin.
-    let mut sink = Vec::new();
-    let _ = tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut sink).await;
+    until_stdin_closes().await;
     drop(sessions);
+    Ok(())
+}
+
+/// Starts the fake Slack with `<apps>` apps, prints `url <api base>`, then `held <apps>` once
+/// every app's socket is open (or `error` after `<limit>` seconds), and serves until stdin
+/// closes. Descriptors: one per socket plus the proxy's pooled Web API connections.
+async fn hold_slack(spec: &str) -> anyhow::Result<()> {
+    let (n, limit) = spec.split_once(',').context("holder spec: <apps>,<limit seconds>")?;
+    let n: usize = n.parse().context("holder app count")?;
+    let limit = Duration::from_secs(limit.parse().context("holder limit")?);
+    raise_nofile(2 * n as u64 + 256);
+    let fake = crate::slack::FakeSlack::start(super::slack::fake_options()).await?;
+    for i in 0..n {
+        super::slack::add_app(&fake, i);
+    }
+    println!("url {}", fake.api_base);
+    let started = Instant::now();
+    loop {
+        let open = fake.open_sockets_total();
+        if open >= n {
+            println!("held {open}");
+            break;
+        }
+        if started.elapsed() > limit {
+            println!("error {open} of {n} Slack sockets open after {limit:?}");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    until_stdin_closes().await;
     Ok(())
 }
 

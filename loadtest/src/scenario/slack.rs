@@ -37,18 +37,18 @@ impl Params {
     }
 }
 
-fn app_section(i: usize, agent: &str, api_base: &str) -> String {
+pub(super) fn app_section(i: usize, agent: &str, api_base: &str) -> String {
     format!(
         "[slack.s{i}]\nagent = \"{agent}\"\napp_token = \"xapp-1-A{i}-bench\"\nbot_token = \"xoxb-bench-{i}\"\n\
          api_base = \"{api_base}\"\n\n"
     )
 }
 
-fn add_app(fake: &FakeSlack, i: usize) {
+pub(super) fn add_app(fake: &FakeSlack, i: usize) {
     fake.add_app(&format!("xapp-1-A{i}-bench"), &format!("xoxb-bench-{i}"), &format!("A{i}"));
 }
 
-fn fake_options() -> Options {
+pub(super) fn fake_options() -> Options {
     Options { redeliver_after: Duration::from_secs(60), max_attempts: 3, ..Options::default() }
 }
 
