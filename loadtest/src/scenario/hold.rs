@@ -25,6 +25,7 @@ use concierge_protocol::client::AgentClient;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::TcpStream;
 
+use super::channel::{wait_listening, wait_until};
 use super::proxy::{Proxy, agent_section, free_port, rss_kib, toml_str};
 use super::smtp::expect;
 use super::{Context, Report, Target, bounded, random_hex};
@@ -153,15 +154,7 @@ async fn measure_smtp(
 ) -> anyhow::Result<u64> {
     let pid = proxy.pid();
     // The SMTP listener binds after the ready line on some builds; wait until it answers.
-    bounded("the SMTP listener", Duration::from_secs(20), async {
-        loop {
-            if TcpStream::connect(smtp).await.is_ok() {
-                return anyhow::Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await?;
+    wait_listening(smtp, Duration::from_secs(20)).await?;
     tokio::time::sleep(p.settle).await;
     let base = rss_kib(pid).context("reading the proxy's VmRSS")?;
     let mine_before = rss_kib(std::process::id()).unwrap_or(0);
@@ -421,18 +414,9 @@ async fn hold_slack(spec: &str) -> anyhow::Result<()> {
         super::slack::add_app(&fake, i);
     }
     println!("url {}", fake.api_base);
-    let started = Instant::now();
-    loop {
-        let open = fake.open_sockets_total();
-        if open >= n {
-            println!("held {open}");
-            break;
-        }
-        if started.elapsed() > limit {
-            println!("error {open} of {n} Slack sockets open after {limit:?}");
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    match wait_until("every Slack socket open", limit, async || fake.open_sockets_total() >= n).await {
+        Ok(_) => println!("held {}", fake.open_sockets_total()),
+        Err(e) => println!("error {e:#} ({} of {n} open)", fake.open_sockets_total()),
     }
     until_stdin_closes().await;
     Ok(())
